@@ -1,0 +1,2 @@
+from .invertible_downsample import InvertibleDownsample
+from .unroll import BN_SHARING, Unrolled, unroll

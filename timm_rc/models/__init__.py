@@ -1,0 +1,1 @@
+from .rc_cifar import *
