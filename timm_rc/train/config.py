@@ -1,0 +1,235 @@
+""" Training configuration: defaults, then a YAML file, then command-line overrides.
+
+Every field is typed; an unknown key or a value of the wrong type is a `UserError` that names the key
+and lists the valid ones (the command line turns it into exit code 2, no traceback).
+"""
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+__all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs']
+
+
+class UserError(Exception):
+    """ A problem with the user's config, data or files: reported as one clear line, exit code 2. """
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------------------
+    model: str = 'rc4_cifar'  # any timm name; '.cifar100' tag for CIFAR-100's head and statistics
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    # --- data ------------------------------------------------------------------------------------
+    dataset: str = 'cifar10'  # 'cifar10', 'cifar100' or a Hugging Face hub id
+    data_dir: Optional[str] = None  # local folder in the hub's parquet schema (no network needed)
+    max_train_samples: Optional[int] = None  # use only the first N training examples
+    max_eval_samples: Optional[int] = None  # use only the first N test examples
+    loader: str = 'auto'  # 'gpu' (whole split on the GPU), 'dataloader', 'auto' (gpu on CUDA)
+    # --- optimisation (defaults: the paper's protocol, Appendix B) -------------------------------
+    epochs: Optional[int] = None  # None: 160 for depth > 10, 120 otherwise (the paper's rule)
+    batch_size: int = 128  # global, split over all processes
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: List[int] = field(default_factory=lambda: [60, 90])  # epochs where lr /= 10
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up (for big-batch recipes; the paper has none)
+    clip_grad_value: Optional[float] = 0.1  # clip gradients to [-v, v]; null turns it off
+    label_smoothing: float = 0.0
+    max_steps: Optional[int] = None  # stop after N optimizer steps
+    seed: int = 0
+    # --- speed -----------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'  # 'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16', 'fp16'
+    compile: bool = False  # torch.compile the model
+    compile_mode: Optional[str] = None  # e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'
+    channels_last: Optional[bool] = None  # None: on for CUDA
+    sync_bn: bool = False  # SyncBatchNorm across processes
+    eval_batch_size: int = 1024  # per process
+    # --- output, logging, checkpoints ------------------------------------------------------------
+    output_dir: Optional[str] = None  # None: runs/<model>-<dataset>-s<seed>
+    log_with: str = 'none'  # 'wandb', 'tensorboard', 'none', or a comma list
+    project: str = 'timm_rc'  # W&B project / tracker project name
+    run_name: Optional[str] = None
+    log_interval: int = 50  # progress-bar refresh in steps (reads values without a host sync)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: Optional[str] = None  # 'auto' (newest complete checkpoint in output_dir) or a path
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = self.model.replace('/', '_')
+        return Path('runs') / f'{name}-{Path(self.dataset).name}-s{self.seed}'
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    'loader': ('auto', 'gpu', 'dataloader'),
+    'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
+}
+TRACKERS = ('wandb', 'tensorboard', 'none')
+POSITIVE = ('batch_size', 'eval_batch_size', 'log_interval', 'keep_checkpoints', 'epochs',
+            'max_train_samples', 'max_eval_samples', 'max_steps')
+
+
+def paper_epochs(depth: Optional[int]) -> int:
+    """ Appendix B: networks deeper than 10 layers train 160 epochs, the others 120. """
+    return 160 if depth is None or depth > 10 else 120
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _convert(key: str, value: Any, tp, from_cli: bool) -> Any:
+    """ Check (and, for command-line strings, parse) one value against the field's type. """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (from_cli and str(value).lower() in ('null', 'none', '~')):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _convert(key, value, inner, from_cli)
+
+    def bad():
+        return UserError(f'config key {key!r} needs a value of type {_type_name(tp)}, got {value!r}')
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and str(value).lower() in ('true', 'false', '1', '0', 'yes', 'no'):
+            return str(value).lower() in ('true', '1', 'yes')
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if from_cli or isinstance(value, str):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if origin in (dict, Dict):
+        if from_cli and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)  # JSON is YAML
+            except yaml.YAMLError:
+                raise bad() from None
+        if not isinstance(value, dict):
+            raise bad()
+        return dict(value)
+    if origin in (list, List):
+        if from_cli and isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith('[') else value.split(',')
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_convert(key, v, args[0], from_cli) for v in value]
+    raise TypeError(f'unsupported config type {tp} for {key}')
+
+
+def _apply(cfg: Dict[str, Any], updates: Dict[str, Any], source: str, from_cli: bool) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in updates.items():
+        if key not in _FIELDS:
+            raise UserError(
+                f'unknown config key {key!r} in {source}; valid keys: {", ".join(sorted(_FIELDS))}')
+        cfg[key] = _convert(key, value, hints[key], from_cli)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise UserError(f'config key {key!r} must be one of {", ".join(choices)}; got {getattr(cfg, key)!r}')
+    for name in cfg.log_with.split(','):
+        if name.strip() not in TRACKERS:
+            raise UserError(f'config key \'log_with\' takes {", ".join(TRACKERS)} (or a comma list); got {name!r}')
+    for key in POSITIVE:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise UserError(f'config key {key!r} must be >= 1, got {value}')
+    if cfg.lr <= 0:
+        raise UserError(f'config key \'lr\' must be > 0, got {cfg.lr}')
+    if cfg.clip_grad_value is not None and cfg.clip_grad_value <= 0:
+        raise UserError('config key \'clip_grad_value\' must be > 0, or null to turn clipping off')
+
+
+def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
+    """ `--config FILE` and `--key value` / `--key=value` pairs; a bare `--resume` means 'auto'. """
+    out: Dict[str, Any] = {}
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--') or arg == '--':
+            raise UserError(f'unexpected argument {arg!r}; use --config FILE and --key value pairs')
+        key, eq, value = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith('--') and len(nxt) > 2):
+                if key == 'resume':
+                    value = 'auto'
+                elif key in _FIELDS and _FIELDS[key].type in (bool, 'bool'):
+                    value = 'true'
+                else:
+                    raise UserError(f'--{key} needs a value')
+            else:
+                value = nxt
+                i += 1
+        if key in out:
+            raise UserError(f'--{key} given twice')
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_config(argv: Sequence[str] = ()) -> TrainConfig:
+    cli = parse_cli(argv)
+    values = dataclasses.asdict(TrainConfig())
+    path = cli.pop('config', None)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f'config file {path} does not exist')
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f'config file {path} is not valid YAML: {e}') from None
+        if not isinstance(data, dict):
+            raise UserError(f'config file {path} must hold a mapping of keys to values')
+        _apply(values, data, f'config file {path}', from_cli=False)
+    _apply(values, cli, 'the command line', from_cli=True)
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

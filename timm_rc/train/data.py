@@ -1,0 +1,188 @@
+""" CIFAR-style data through Hugging Face `datasets`, decoded once into uint8 tensors.
+
+Two input paths share one augmentation (random 32x32 crop of the 4-pixel zero-padded image, random
+horizontal flip, per-channel normalisation), done as batched tensor work on the compute device:
+
+* `GpuBatches`: the whole split lives on the GPU as uint8; each epoch is a device-side permutation,
+  sliced into static batches. No workers, no host sync (airbench's recipe).
+* a plain `DataLoader` over the uint8 tensors (the CPU default), prepared by Accelerate.
+
+The shuffling and augmentation randomness of epoch e depends only on (seed, epoch), so a run resumed
+from an epoch checkpoint replays exactly what an uninterrupted run would have done.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .config import UserError
+
+__all__ = ['ImageSplit', 'load_image_splits', 'augment', 'normalize', 'GpuBatches', 'BatchedTensorDataset']
+
+SHORT_NAMES = {'cifar10': 'uoft-cs/cifar10', 'cifar100': 'uoft-cs/cifar100'}
+LABEL_COLUMNS = ('label', 'fine_label', 'labels')
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _load_dataset_dict(dataset: str, data_dir: Optional[str]):
+    import datasets
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise UserError(f'data_dir {data_dir} does not exist or is not a folder')
+        if not any(path.glob('*.parquet')) and not any(path.glob('*/*.parquet')):
+            raise UserError(f'data_dir {data_dir} holds no parquet files (expected train.parquet and test.parquet)')
+        try:
+            return datasets.load_dataset(str(path))
+        except Exception as e:  # datasets raises many kinds here
+            raise UserError(f'could not read the dataset in {data_dir}: {e}') from None
+    hub_id = SHORT_NAMES.get(dataset, dataset)
+    try:
+        return datasets.load_dataset(hub_id)
+    except Exception as e:
+        raise UserError(
+            f'could not load dataset {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
+            f'Offline? Point data_dir at a local copy in the same parquet schema, '
+            f'e.g. --data_dir ../shared/data/cifar10') from None
+
+
+def _columns(split, where: str) -> Tuple[str, str, int]:
+    import datasets
+    features = split.features
+    image_cols = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    label_cols = [k for k in LABEL_COLUMNS if isinstance(features.get(k), datasets.ClassLabel)]
+    label_cols += [k for k, f in features.items() if isinstance(f, datasets.ClassLabel) and k not in label_cols]
+    if not image_cols or not label_cols:
+        raise UserError(
+            f'{where} needs an Image column and a ClassLabel column (e.g. img + label, or img + fine_label); '
+            f'it has: {", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())}')
+    label = label_cols[0]
+    return image_cols[0], label, features[label].num_classes
+
+
+def _decode(split, image_col: str, label_col: str, limit: Optional[int], where: str) -> ImageSplit:
+    if limit is not None:
+        split = split.select(range(min(limit, len(split))))
+    arr = split.with_format('numpy', columns=[image_col])[:][image_col]
+    if arr.dtype == object:  # images of different sizes or modes do not stack
+        raise UserError(f'{where}: the images differ in size or mode; timm_rc trains on same-size images')
+    if arr.ndim == 3:  # grayscale
+        arr = arr[..., None]
+    images = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+    labels = torch.as_tensor(np.asarray(split[label_col]), dtype=torch.int64)
+    return ImageSplit(images=images, labels=labels)
+
+
+def load_image_splits(
+        dataset: str,
+        data_dir: Optional[str] = None,
+        max_train_samples: Optional[int] = None,
+        max_eval_samples: Optional[int] = None,
+) -> Tuple[ImageSplit, ImageSplit, int, List[str]]:
+    """ Returns (train, test, num_classes, class_names); images decoded once to uint8 tensors. """
+    ds = _load_dataset_dict(dataset, data_dir)
+    where = data_dir or dataset
+    missing = [s for s in ('train', 'test') if s not in ds]
+    if missing:
+        raise UserError(f'dataset {where} has no {" or ".join(missing)} split; it has: {", ".join(ds.keys())}')
+    image_col, label_col, num_classes = _columns(ds['train'], f'dataset {where}')
+    _columns(ds['test'], f'dataset {where} (test split)')
+    train = _decode(ds['train'], image_col, label_col, max_train_samples, f'dataset {where}')
+    test = _decode(ds['test'], image_col, label_col, max_eval_samples, f'dataset {where}')
+    return train, test, num_classes, list(ds['train'].features[label_col].names)
+
+
+# ---- augmentation: batched tensor work on the compute device ---------------------------------
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """ Random crop of the `pad`-pixel zero-padded images (same size out) and random horizontal flip.
+
+    uint8 (N, C, H, W) in and out; one gather for the crop, no per-image Python work.
+    """
+    n, c, h, w = images.shape
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=dev, generator=generator)
+    rows = dy + torch.arange(h, device=dev).view(1, h, 1)  # (n, h, 1)
+    cols = dx + torch.arange(w, device=dev).view(1, 1, w)  # (n, 1, w)
+    if flip:
+        mirrored = torch.rand(n, 1, 1, device=dev, generator=generator) < 0.5
+        cols = torch.where(mirrored, 2 * dx + (w - 1) - cols, cols)  # read the crop right to left
+    idx = torch.arange(n, device=dev).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx, rows, cols]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              channels_last: bool = False) -> torch.Tensor:
+    """ uint8 -> float32 (x / 255 - mean) / std; mean/std hold 255 * the per-channel values. """
+    x = images.float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def epoch_generator(seed: int, epoch: int, device, rank: int = 0) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    return g
+
+
+class GpuBatches:
+    """ Training batches of a device-resident split: static shapes, no workers, no host sync.
+
+    Every process draws the same global permutation of epoch e and takes its slice of each global
+    batch; the last partial global batch is dropped.
+    """
+
+    def __init__(self, split: ImageSplit, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        self.images, self.labels = split.images, split.labels
+        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
+        self.batch = global_batch // world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.global_batch
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        g = epoch_generator(self.seed, self.epoch, self.images.device)
+        perm = torch.randperm(len(self.labels), device=self.images.device, generator=g)
+        for i in range(len(self)):
+            start = i * self.global_batch + self.rank * self.batch
+            idx = perm[start:start + self.batch]
+            yield self.images[idx], self.labels[idx]
+
+
+class BatchedTensorDataset(torch.utils.data.Dataset):
+    """ uint8 images + labels whose batches are fetched with one indexing op (`__getitems__`). """
+
+    def __init__(self, split: ImageSplit):
+        self.images, self.labels = split.images, split.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: Sequence[int]):
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx]
+
+
+def collate_batch(batch):
+    """ `BatchedTensorDataset.__getitems__` already returns the stacked batch. """
+    return batch
