@@ -52,19 +52,22 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across processes
     eval_batch_size: int = 1024  # per process
     # --- output, logging, checkpoints ------------------------------------------------------------
-    output_dir: Optional[str] = None  # None: runs/<model>-<dataset>-s<seed>
+    output_dir: Optional[str] = None  # may use {seed} {model} {dataset}; None: runs/{model}-{dataset}/seed{seed}
     log_with: str = 'none'  # 'wandb', 'tensorboard', 'none', or a comma list
     project: str = 'timm_rc'  # W&B project / tracker project name
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # None: the output_dir below runs/
     log_interval: int = 50  # progress-bar refresh in steps (reads values without a host sync)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: Optional[str] = None  # 'auto' (newest complete checkpoint in output_dir) or a path
 
     def resolved_output_dir(self) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        name = self.model.replace('/', '_')
-        return Path('runs') / f'{name}-{Path(self.dataset).name}-s{self.seed}'
+        """ output_dir with {seed}, {model} and {dataset} filled in (one folder per seed in sweeps). """
+        fields = dict(seed=self.seed, model=self.model.replace('/', '_'), dataset=Path(self.dataset).name)
+        template = self.output_dir or 'runs/{model}-{dataset}/seed{seed}'
+        try:
+            return Path(template.format(**fields))
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f'output_dir {template!r} may only use {{seed}}, {{model}} and {{dataset}}: {e}') from None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,9 +206,7 @@ def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
             else:
                 value = nxt
                 i += 1
-        if key in out:
-            raise UserError(f'--{key} given twice')
-        out[key] = value
+        out[key] = value  # the last of repeated keys wins, as with argparse
         i += 1
     return out
 

@@ -196,8 +196,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
                       mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
-    accelerator.init_trackers(cfg.project, config=run_config, init_kwargs={
-        'wandb': {'name': cfg.run_name or out.name, 'dir': str(out)}})
+    # trackers take scalars only (TensorBoard's hparams): lists, mappings and None as JSON text
+    tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in run_config.items()}
+    accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
+        'wandb': {'name': cfg.run_name or str(out).removeprefix('runs/'), 'dir': str(out)}})
     if accelerator.is_main_process:
         (out / 'run_config.json').write_text(json.dumps(run_config, indent=2))
         accelerator.print(f'{cfg.model}: {n_params:,} params, {epochs} epochs of {steps_per_epoch} steps '

@@ -1,0 +1,418 @@
+""" Training: config, data, the loop, checkpoints and resume, multi-process, logging. CPU only. """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from timm_rc.train import TrainConfig, UserError, load_config, train
+from timm_rc.train.data import GpuBatches, ImageSplit, augment, epoch_generator, load_image_splits, normalize
+from timm_rc.train.loop import StepSchedule, main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / 'shared' / 'data' / 'cifar10'
+TINY = ['--model_kwargs', '{"width": 4}', '--batch_size', '16', '--log_interval', '2']
+RC4_W4_PARAMS = 5_502  # rc4_cifar at width 4, 10 classes
+
+
+def make_parquet(folder: Path, n_train=96, n_test=40, num_classes=10, label='label', splits=('train', 'test'),
+                 seed=0):
+    """ A tiny dataset in the hub's CIFAR parquet schema (Image + ClassLabel columns). """
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({'img': datasets.Image(),
+                                  label: datasets.ClassLabel(names=[f'c{i}' for i in range(num_classes)])})
+    for split, n in (('train', n_train), ('test', n_test)):
+        if split not in splits:
+            continue
+        labels = rng.integers(0, num_classes, n)
+        # class-dependent colour so that a few steps can learn something
+        imgs = [Image.fromarray(np.clip(rng.normal(25 * (y % 10), 40, (32, 32, 3)), 0, 255).astype(np.uint8))
+                for y in labels]
+        datasets.Dataset.from_dict({'img': imgs, label: labels.tolist()}, features=features).to_parquet(
+            str(folder / f'{split}.parquet'))
+    return folder
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(argv):
+    try:
+        return train(load_config(argv))
+    finally:
+        reset_accelerate()
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        try:
+            main(argv)
+        finally:
+            reset_accelerate()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    return make_parquet(tmp_path_factory.mktemp('tiny'))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    summary = run(['--data_dir', str(tiny_data), '--epochs', '2', '--output_dir', str(out), *TINY])
+    return out, summary
+
+
+# ---- the run and what it leaves behind -------------------------------------------------------
+
+
+def test_summary(tiny_run):
+    out, summary = tiny_run
+    on_disk = json.loads((out / 'summary.json').read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk['model'] == 'rc4_cifar' and on_disk['model_kwargs'] == {'width': 4}
+    assert on_disk['params'] == RC4_W4_PARAMS
+    assert on_disk['epochs_completed'] == 2 and on_disk['global_step'] == 2 * (96 // 16)
+    assert on_disk['eval_examples'] == 40 and on_disk['num_processes'] == 1
+    assert 0 <= on_disk['test_top1_error'] <= 100
+    assert on_disk['best_test_top1_error'] <= on_disk['test_top1_error']
+    assert on_disk['images_per_sec'] > 0 and on_disk['wall_time_s'] > 0 and on_disk['seed'] == 0
+    assert set(on_disk['versions']) >= {'torch', 'timm', 'accelerate', 'datasets', 'timm_rc'}
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert rows[-1]['test/top1_err'] == on_disk['test_top1_error']
+
+
+def test_checkpoints_rotate_and_are_complete(tiny_run):
+    out, _ = tiny_run
+    ckpts = sorted(p.name for p in (out / 'checkpoints').iterdir())
+    assert ckpts == ['epoch_0001', 'epoch_0002']  # keep_checkpoints=2
+    state = json.loads((out / 'checkpoints' / 'epoch_0002' / 'trainer_state.json').read_text())
+    assert state['epoch'] == 2 and state['global_step'] == 12
+
+
+def test_per_step_bn_stats_are_saved(tiny_run):
+    out, _ = tiny_run
+    stats = load_file(str(out / 'bn_stats' / 'epoch_0002.safetensors'))
+    assert len(stats) == 2 * 4 * 2 * 4  # cells x steps x BN layers x (mean, var, gamma, beta)
+    assert stats['cell1.step3.bn1.running_var'].shape == (4,)
+    assert stats['cell2.step0.bn2.weight'].shape == (16,)
+    # independent BN: the steps' running means differ
+    assert not torch.equal(stats['cell1.step0.bn1.running_mean'], stats['cell1.step1.bn1.running_mean'])
+
+
+def test_final_model_loads_in_timm_and_reproduces_the_test_error(tiny_run, tiny_data):
+    out, summary = tiny_run
+    model = timm.create_model('rc4_cifar', width=4, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors'))).eval()
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'rc4_cifar' and config['model_args']['width'] == 4
+    local = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    _, test, _, _ = load_image_splits('cifar10', str(tiny_data))
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg['mean']).view(1, -1, 1, 1) * 255
+    std = torch.tensor(cfg['std']).view(1, -1, 1, 1) * 255
+    with torch.no_grad():
+        x = normalize(test.images, mean, std)
+        preds = model(x).argmax(-1)
+        torch.testing.assert_close(local(x), model(x), rtol=0, atol=0)
+    err = 100 * (1 - (preds == test.labels).float().mean().item())
+    assert err == pytest.approx(summary['test_top1_error'], abs=1e-6)
+
+
+def test_plots_and_results_table(tiny_run, tmp_path):
+    from timm_rc.plots import plot_bn, plot_curves
+    from timm_rc.results import collect, table
+    out, summary = tiny_run
+    pngs = plot_bn(out, out=tmp_path)
+    assert sorted(p.name for p in pngs) == ['bn_cell1_bn1.png', 'bn_cell1_bn2.png', 'bn_cell2_bn1.png',
+                                            'bn_cell2_bn2.png']
+    assert plot_curves([out], tmp_path / 'curves.png').stat().st_size > 1000
+    text = table(collect([out.parent]))
+    assert f'{summary["test_top1_error"]:.2f}' in text and 'RC-4' in text
+
+
+def test_results_table_puts_the_paper_beside_the_mean_over_seeds(tmp_path):
+    from timm_rc.results import collect, table
+    for seed, err in enumerate([8.0, 9.0, 10.0]):
+        d = tmp_path / f'seed{seed}'
+        d.mkdir()
+        (d / 'summary.json').write_text(json.dumps(dict(
+            model='rc4_cifar', model_kwargs={'bn_sharing': 'shared'}, dataset='cifar10', data_dir=None,
+            test_top1_error=err, epochs_completed=160, epochs=160, params=1_259_082)))
+    text = table(collect([tmp_path]), markdown=True)
+    assert '| RC-4, shared BN |  | cifar10 | 3 | 160/160 | 1,259,082 | 9.00 ± 1.00 | 21.00 |' in text
+
+
+def test_shared_cifar10_slice_with_the_gpu_resident_loader(tmp_path):
+    if not SHARED_CIFAR10.is_dir():
+        pytest.skip(f'{SHARED_CIFAR10} not here')
+    out = tmp_path / 'run'
+    summary = run(['--data_dir', str(SHARED_CIFAR10), '--max_train_samples', '64', '--max_eval_samples', '50',
+                   '--epochs', '1', '--loader', 'gpu', '--output_dir', str(out), *TINY])
+    assert summary['loader'] == 'gpu' and summary['eval_examples'] == 50 and summary['train_examples'] == 64
+    assert summary['global_step'] == 4
+
+
+def test_cifar100_schema_with_fine_label(tmp_path, capsys):
+    data = make_parquet(tmp_path / 'c100', num_classes=100, label='fine_label', n_train=32, n_test=8)
+    summary = run(['--data_dir', str(data), '--model', 'rc1_cifar.cifar100', '--epochs', '1',
+                   '--output_dir', str(tmp_path / 'ok'), *TINY])
+    assert summary['params'] == timm.create_model('rc1_cifar', width=4, num_classes=100).num_classes * 0 + \
+        sum(p.numel() for p in timm.create_model('rc1_cifar', width=4, num_classes=100).parameters())
+    code, err = run_main(['--data_dir', str(data), '--model', 'rc1_cifar', '--output_dir',
+                          str(tmp_path / 'bad'), *TINY], capsys)
+    assert code == 2
+    assert 'rc1_cifar has a 10-class head but' in err and 'has 100 classes' in err and 'rc4_cifar.cifar100' in err
+
+
+# ---- resume, kill, multi-process (real subprocesses) -----------------------------------------
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, str(REPO / 'train.py'), '--data_dir', str(data), '--epochs', '3', '--output_dir',
+            str(out), *TINY, *extra]
+
+
+def _subprocess_env(**extra):
+    env = dict(os.environ, **extra)
+    env.pop('TIMM_RC_FAULT', None) if 'TIMM_RC_FAULT' not in extra else None
+    return env
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
+    ref, killed = tmp_path / 'ref', tmp_path / 'killed'
+    subprocess.run(_train_cmd(tiny_data, ref), check=True, env=_subprocess_env(), capture_output=True)
+    # 6 steps per epoch: step 9 is the middle of epoch 2
+    p = subprocess.run(_train_cmd(tiny_data, killed), env=_subprocess_env(TIMM_RC_FAULT='step9'),
+                       capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert sorted(x.name for x in (killed / 'checkpoints').iterdir()) == ['epoch_0001']
+    # restarting without --resume refuses to touch the run
+    p = subprocess.run(_train_cmd(tiny_data, killed), env=_subprocess_env(), capture_output=True, text=True)
+    assert p.returncode == 2 and 'already holds checkpoints' in p.stderr and '--resume' in p.stderr
+    p = subprocess.run(_train_cmd(tiny_data, killed, '--resume'), env=_subprocess_env(), capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'resumed from' in p.stdout
+    a, b = load_file(str(ref / 'model.safetensors')), load_file(str(killed / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)['epoch'] for x in (killed / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_no_partial_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    p = subprocess.run(_train_cmd(tiny_data, out), env=_subprocess_env(TIMM_RC_FAULT='save'),
+                       capture_output=True, text=True)
+    assert p.returncode == -9
+    assert [x.name for x in (out / 'checkpoints').iterdir()] == ['.tmp-epoch_0001']
+    p = subprocess.run(_train_cmd(tiny_data, out, '--resume', '--epochs', '1'), env=_subprocess_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'no complete checkpoint' in p.stdout
+    assert sorted(x.name for x in (out / 'checkpoints').iterdir()) == ['epoch_0001']
+
+
+def test_two_processes_on_cpu_count_the_test_set_once(tmp_path):
+    data = make_parquet(tmp_path / 'data', n_train=64, n_test=37)  # 37: uneven over 2 processes
+    out = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '--data_dir', str(data), '--epochs', '1', '--output_dir', str(out), *TINY]
+    p = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['num_processes'] == 2
+    assert summary['eval_examples'] == 37
+    assert summary['global_step'] == 64 // 16
+    assert 'over 2 processes' in p.stdout
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    # epoch 1 at lr 1e-30 is fine; from epoch 2 the lr is 1e10 and the weights blow up
+    code, err = run_main(['--data_dir', str(tiny_data), '--output_dir', str(out), '--epochs', '3', '--lr', '1e-30',
+                          '--lr_gamma', '1e40', '--lr_milestones', '1', '--clip_grad_value', 'null', *TINY], capsys)
+    assert code == 3
+    assert 'training diverged: the training loss became nan in epoch 2' in err
+    assert sorted(x.name for x in (out / 'checkpoints').iterdir()) == ['epoch_0001']
+
+
+# ---- logging ---------------------------------------------------------------------------------
+
+
+def test_tensorboard_logging(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    run(['--data_dir', str(tiny_data), '--epochs', '1', '--output_dir', str(out), '--log_with', 'tensorboard',
+         *TINY])
+    events = list(out.rglob('events.out.tfevents.*'))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()['scalars']
+    assert {'train/loss', 'test/top1_err', 'lr', 'images_per_sec', 'bn/cell1/step3/bn2/running_var'} <= set(tags)
+
+
+def test_wandb_goes_offline_without_an_api_key(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    env = _subprocess_env(WANDB_SILENT='true', HOME=str(tmp_path))  # no ~/.netrc login
+    env.pop('WANDB_MODE', None)
+    env.pop('WANDB_API_KEY', None)
+    p = subprocess.run([sys.executable, str(REPO / 'train.py'), '--data_dir', str(tiny_data), '--epochs', '1',
+                        '--output_dir', str(out), '--log_with', 'wandb', *TINY], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((out / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 1 and list(runs[0].glob('*.wandb'))
+
+
+# ---- user errors: exit code 2, one clear line, no traceback ----------------------------------
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--epochz', '3'], "unknown config key 'epochz' in the command line; valid keys: batch_size,"),
+    (['--epochs', 'three'], "config key 'epochs' needs a value of type int, got 'three'"),
+    (['--lr', 'fast'], "config key 'lr' needs a value of type float, got 'fast'"),
+    (['--loader', 'fastest'], "config key 'loader' must be one of auto, gpu, dataloader; got 'fastest'"),
+    (['--log_with', 'mlflow'], "config key 'log_with' takes wandb, tensorboard, none"),
+    (['--model_kwargs', '[1, 2]'], "config key 'model_kwargs' needs a value of type"),
+    (['--batch_size', '0'], "config key 'batch_size' must be >= 1, got 0"),
+    (['--config', 'nope.yaml'], 'config file nope.yaml does not exist'),
+    (['--data_dir', '/nonexistent/cifar'], 'data_dir /nonexistent/cifar does not exist'),
+    (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names:"),
+    (['--model_kwargs', '{"bn_sharing": "half"}'],
+     "cannot build rc4_cifar with model_kwargs {'bn_sharing': 'half'}: unknown bn_sharing 'half'; valid values:"),
+    (['--model_kwargs', '{"widht": 8}'], "cannot build rc4_cifar with model_kwargs {'widht': 8}"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, message, tiny_data, tmp_path, capsys):
+    base = ['--data_dir', str(tiny_data), '--output_dir', str(tmp_path / 'run'), '--epochs', '1']
+    code, err = run_main(base + argv, capsys)  # a repeated key: the last one wins
+    assert code == 2
+    assert message in err
+    assert 'Traceback' not in err
+
+
+def test_bad_yaml_key_names_the_file(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: rc4_cifar\nlearning_rate: 0.1\n')
+    code, err = run_main(['--config', str(cfg)], capsys)
+    assert code == 2 and f"unknown config key 'learning_rate' in config file {cfg}" in err
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda d: d.mkdir(), 'holds no parquet files'),
+    (lambda d: make_parquet(d, splits=('train',)), 'has no test split; it has: train'),
+    (lambda d: make_parquet(d, label='target_str_not_classlabel'), None),
+])
+def test_bad_data_folders(make, message, tmp_path, capsys):
+    d = tmp_path / 'data'
+    make(d)
+    if message is None:  # a ClassLabel under another name is found from the features
+        summary = run(['--data_dir', str(d), '--epochs', '1', '--output_dir', str(tmp_path / 'run'), *TINY])
+        assert summary['eval_examples'] == 40
+        return
+    code, err = run_main(['--data_dir', str(d), '--output_dir', str(tmp_path / 'run')], capsys)
+    assert code == 2 and message in err
+
+
+def test_wrong_columns(tmp_path, capsys):
+    import datasets
+    d = tmp_path / 'data'
+    d.mkdir()
+    for split in ('train', 'test'):
+        datasets.Dataset.from_dict({'pixels': [[0, 1]], 'y': [1]}).to_parquet(str(d / f'{split}.parquet'))
+    code, err = run_main(['--data_dir', str(d), '--output_dir', str(tmp_path / 'run')], capsys)
+    assert code == 2
+    assert 'needs an Image column and a ClassLabel column' in err and 'pixels (List)' in err
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def test_config_precedence_and_parsing(tmp_path):
+    cfg_file = tmp_path / 'c.yaml'
+    cfg_file.write_text('model: rc2_cifar\nlr: 1e-4\nepochs: 5\nlr_milestones: [2, 4]\n'
+                        'model_kwargs: {width: 8}\noutput_dir: runs/x/seed{seed}\n')
+    cfg = load_config(['--config', str(cfg_file), '--epochs', '7', '--seed=3', '--compile',
+                       '--lr_milestones', '3,6', '--resume'])
+    assert cfg.model == 'rc2_cifar' and cfg.lr == 1e-4 and cfg.epochs == 7 and cfg.seed == 3
+    assert cfg.compile is True and cfg.lr_milestones == [3, 6] and cfg.resume == 'auto'
+    assert cfg.model_kwargs == {'width': 8}
+    assert cfg.resolved_output_dir() == Path('runs/x/seed3')
+    assert load_config([]) == TrainConfig()
+    assert TrainConfig().resolved_output_dir() == Path('runs/rc4_cifar-cifar10/seed0')
+    assert load_config(['--epochs', '1', '--epochs', '2']).epochs == 2  # the last one wins
+    with pytest.raises(UserError, match=r"output_dir 'runs/\{run\}' may only use \{seed\}"):
+        TrainConfig(output_dir='runs/{run}').resolved_output_dir()
+
+
+def test_every_shipped_config_loads_and_sweeps_point_at_real_configs():
+    import yaml
+    configs = sorted((REPO / 'train_configs').glob('*.yaml'))
+    assert len(configs) == 15
+    for path in configs:
+        cfg = load_config(['--config', str(path)])
+        assert timm.is_model(cfg.model.split('.')[0]), path
+        assert '{seed}' in cfg.output_dir
+    paper = {p.name: load_config(['--config', str(p)]) for p in configs if not p.name.startswith('fast')}
+    for name, cfg in paper.items():
+        depth_gt_10 = cfg.model.split('.')[0] in ('rc4_cifar', 'rc4_unshared_cifar')
+        assert cfg.epochs == (160 if depth_gt_10 else 120), name
+        assert (cfg.batch_size, cfg.lr, cfg.lr_milestones, cfg.clip_grad_value) == (128, 0.1, [60, 90], 0.1)
+        assert cfg.dataset in name and (cfg.model.endswith('.cifar100') == ('cifar100' in name))
+    for sweep in (REPO / 'train_configs' / 'sweeps').glob('*.yaml'):
+        spec = yaml.safe_load(sweep.read_text())
+        values = spec['parameters']['config'].get('values') or [spec['parameters']['config']['value']]
+        for v in values:
+            assert (REPO / v).is_file(), f'{sweep.name} names missing {v}'
+
+
+# ---- data pieces -----------------------------------------------------------------------------
+
+
+def test_augment_is_a_padded_crop_and_flip():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = augment(images, torch.Generator().manual_seed(7), pad=2)
+    # replay the same draws
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randint(0, 5, (64, 1, 1), generator=g).flatten()
+    dx = torch.randint(0, 5, (64, 1, 1), generator=g).flatten()
+    flip = (torch.rand(64, 1, 1, generator=g) < 0.5).flatten()
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(64):
+        crop = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+    assert 0 < flip.sum() < 64 and out.dtype == torch.uint8
+
+
+def test_gpu_batches_shard_one_global_permutation():
+    split = ImageSplit(torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), torch.arange(50))
+    whole = [y for _, y in GpuBatches(split, 8, seed=1)]
+    parts = [[y for _, y in GpuBatches(split, 8, seed=1, rank=r, world=2)] for r in (0, 1)]
+    assert len(whole) == 6  # 50 // 8, the partial batch dropped
+    for w, a, b in zip(whole, *parts):
+        assert torch.equal(torch.cat([a, b]), w)
+    again = GpuBatches(split, 8, seed=1)
+    again.set_epoch(1)
+    assert not torch.equal(torch.cat(whole), torch.cat([y for _, y in again]))
+    assert torch.equal(epoch_generator(1, 0, 'cpu').get_state(), epoch_generator(1, 0, 'cpu').get_state())
+
+
+def test_step_schedule():
+    s = StepSchedule(warmup_steps=4, milestones=[10, 20], gamma=0.1)
+    assert [s(i) for i in (0, 3, 9, 10, 19, 20)] == pytest.approx([0.25, 1, 1, 0.1, 0.1, 0.01])
