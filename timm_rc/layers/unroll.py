@@ -21,7 +21,7 @@ Reference: Zhang & Jung, "Recurrent Convolutions: A Model Compression Point of V
 workshop on compact deep networks (extended: arXiv 1902.09809).
 """
 import copy
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn

@@ -17,7 +17,6 @@ to the plain network of the same depth. RC-k (Appendix A):
 The paper's "ResNet-10" / "ResNet-18" are the RC-2 / RC-4 graphs without weight sharing.
 Every variant here is a config of the one `RCNet` class; both cells are built by `timm_rc.unroll`.
 """
-from functools import partial
 from typing import Any, Dict, Optional, Type, Union
 
 import torch

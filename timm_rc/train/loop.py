@@ -15,8 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .bnstats import bn_scalars, per_step_bn, save_bn_stats
 from .checkpoint import complete_checkpoints, fault, latest_checkpoint, read_trainer_state, remove_partial, \
     save_checkpoint
+from ..models import RCNet
 from .config import TrainConfig, UserError, load_config, paper_epochs
 from .data import BatchedTensorDataset, GpuBatches, augment, collate_batch, epoch_generator, load_image_splits, \
     normalize
@@ -151,7 +153,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     global_batch = cfg.batch_size
     if len(train_split) < global_batch:
         raise UserError(f'{len(train_split)} training examples cannot fill one batch of {global_batch}')
-    depth = 4 * model.steps + 2 if hasattr(model, 'steps') and hasattr(model, 'cell1') else None
+    depth = 4 * model.steps + 2 if isinstance(model, RCNet) else None  # RC-1/2/4: depth 6/10/18
     epochs = cfg.epochs or paper_epochs(depth)
     n_params = sum(p.numel() for p in model.parameters())
     mean = torch.tensor(model.pretrained_cfg['mean'], device=device).view(1, -1, 1, 1) * 255
@@ -286,7 +288,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         state['best_test_top1_error'] = test_err if best is None else min(best, test_err)
         state['wall_time_s'] = time.time() - start_time
 
-        from .bnstats import bn_scalars, per_step_bn, save_bn_stats
         bn = per_step_bn(accelerator.unwrap_model(model))
         metrics = {
             'train/loss': train_loss, 'train/acc': train_acc, 'test/top1_err': test_err, 'test/top1_acc': test_acc,
