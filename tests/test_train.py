@@ -203,7 +203,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert sorted(x.name for x in (killed / 'checkpoints').iterdir()) == ['epoch_0001']
     # restarting without --resume refuses to touch the run
     p = subprocess.run(_train_cmd(tiny_data, killed), env=_subprocess_env(), capture_output=True, text=True)
-    assert p.returncode == 2 and 'already holds checkpoints' in p.stderr and '--resume' in p.stderr
+    assert p.returncode == 2 and 'already holds a run' in p.stderr and '--resume' in p.stderr
     p = subprocess.run(_train_cmd(tiny_data, killed, '--resume'), env=_subprocess_env(), capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -224,6 +224,20 @@ def test_sigkill_while_writing_a_checkpoint_leaves_no_partial_checkpoint(tiny_da
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'no complete checkpoint' in p.stdout
     assert sorted(x.name for x in (out / 'checkpoints').iterdir()) == ['epoch_0001']
+
+
+def test_a_finished_run_is_never_overwritten_without_resume(tiny_data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    argv = ['--data_dir', str(tiny_data), '--epochs', '2', '--max_steps', '3', '--output_dir', str(out), *TINY]
+    summary = run(argv)  # stops inside epoch 1: a summary and a model, no checkpoint
+    assert summary['global_step'] == 3 and summary['epochs_completed'] == 0
+    assert not list((out / 'checkpoints').glob('epoch_*'))
+    model_bytes = (out / 'model.safetensors').read_bytes()
+    code, err = run_main(argv, capsys)
+    assert code == 2 and 'already holds a run (checkpoints or summary.json)' in err
+    assert (out / 'model.safetensors').read_bytes() == model_bytes
+    summary = run(argv + ['--resume'])  # nothing to resume: starts again, stale metrics dropped
+    assert [json.loads(x)['epoch'] for x in (out / 'metrics.jsonl').read_text().splitlines()] == [1]
 
 
 def test_two_processes_on_cpu_count_the_test_set_once(tmp_path):

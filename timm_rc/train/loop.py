@@ -133,9 +133,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise UserError(f'resume checkpoint {cfg.resume} does not exist')
         if resume_from is None:
             accelerator.print(f'no complete checkpoint in {ckpt_dir}; starting from scratch')
-    elif complete_checkpoints(ckpt_dir):
-        raise UserError(f'{out} already holds checkpoints of a run; pass --resume to continue it, '
-                        f'or choose another output_dir')
+    elif complete_checkpoints(ckpt_dir) or (out / 'summary.json').exists():
+        raise UserError(f'{out} already holds a run (checkpoints or summary.json); pass --resume to continue '
+                        f'it, or choose another output_dir')
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_partial(ckpt_dir)
@@ -190,11 +190,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         accelerator.load_state(str(resume_from))
         state.update(read_trainer_state(resume_from))
         accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"]}, step {state["global_step"]})')
-        metrics_file = out / 'metrics.jsonl'
-        if accelerator.is_main_process and metrics_file.is_file():  # drop epochs the checkpoint does not hold
-            lines = metrics_file.read_text().splitlines()
-            metrics_file.write_text(''.join(
-                line + '\n' for line in lines if json.loads(line)['epoch'] <= state['epoch']))
+    metrics_file = out / 'metrics.jsonl'
+    if accelerator.is_main_process and metrics_file.is_file():  # drop epochs no checkpoint holds
+        lines = metrics_file.read_text().splitlines()
+        metrics_file.write_text(''.join(
+            line + '\n' for line in lines if json.loads(line)['epoch'] <= state['epoch']))
 
     run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
                       mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
