@@ -288,7 +288,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         state['best_test_top1_error'] = test_err if best is None else min(best, test_err)
         state['wall_time_s'] = time.time() - start_time
 
-        bn = per_step_bn(accelerator.unwrap_model(model))
+        bn = per_step_bn(accelerator.unwrap_model(model, keep_torch_compile=False))
         metrics = {
             'train/loss': train_loss, 'train/acc': train_acc, 'test/top1_err': test_err, 'test/top1_acc': test_acc,
             'lr': scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': epoch_time,
@@ -320,8 +320,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from timm.models import save_for_hf
-        save_for_hf(accelerator.unwrap_model(model), str(out), model_args=dict(cfg.model_kwargs),
-                    safe_serialization=True)
+        save_for_hf(accelerator.unwrap_model(model, keep_torch_compile=False), str(out),
+                    model_args=dict(cfg.model_kwargs), safe_serialization=True)
         accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
     accelerator.end_training()
     return summary
