@@ -91,6 +91,14 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     assert not missing
 
 
+@pytest.mark.parametrize('block', ['preact', 'postact'])
+@pytest.mark.parametrize('bn_sharing', ['shared', 'none'])
+def test_bn_variants_train(block, bn_sharing):
+    model = timm.create_model('rc4_cifar', width=WIDTH, block=block, bn_sharing=bn_sharing).train()
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_timm_contract(name):
     model = timm.create_model(name, width=WIDTH).eval()

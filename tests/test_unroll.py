@@ -136,15 +136,23 @@ def test_shared_bn_is_the_block_applied_k_times(kind):
 
 @pytest.mark.parametrize('kind', BLOCKS)
 def test_no_bn(kind):
+    """ Without BN the block is its convolutions and activations, applied k times; the reference
+    runs every activation out of place, so an in-place op that clobbers a shortcut shows up. """
     block, x = make_block(kind)
     ref = copy.deepcopy(block)
     for name, m in list(ref.named_modules()):
+        if hasattr(m, 'inplace'):
+            m.inplace = False
         for cname, child in list(m.named_children()):
             if isinstance(child, _BatchNorm):
                 setattr(m, cname, nn.Identity())
     rc = unroll(block, 2, bn_sharing='none')
     assert not bns(rc)
-    torch.testing.assert_close(rc(x.clone()), ref(ref(x.clone())))
+    x = x.requires_grad_()
+    out = rc(x * 1)
+    torch.testing.assert_close(out, ref(ref(x * 1)))
+    out.sum().backward()  # no in-place op broke autograd
+    assert x.grad is not None
 
 
 @pytest.mark.parametrize('kind', BLOCKS)

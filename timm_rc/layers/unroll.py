@@ -178,7 +178,9 @@ def unroll(
             ``{2: nn.AvgPool2d(2)}`` pools between the 2nd and 3rd step.
 
     Every torch.nn BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses such as timm's
-    BatchNormAct2d) anywhere in the block counts as a BN layer.
+    BatchNormAct2d) anywhere in the block counts as a BN layer. With "none", an in-place op right
+    after a BN layer then acts on that layer's input: in a pre-activation block (BN-ReLU first) make
+    that first activation not in place, or it overwrites the shortcut.
     """
     if not isinstance(block, nn.Module):
         raise TypeError(f'unroll() takes an nn.Module block, got {type(block).__name__}')

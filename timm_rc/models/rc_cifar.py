@@ -54,7 +54,9 @@ class PreActBasicBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.bn1 = norm_layer(channels, **dd)
-        self.act1 = act_layer(inplace=True)
+        # not in place: with bn_sharing='none' bn1 is an Identity, and an in-place act1 would
+        # overwrite the block's input, which is also the shortcut
+        self.act1 = act_layer(inplace=False)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False, **dd)
         self.bn2 = norm_layer(channels, **dd)
         self.act2 = act_layer(inplace=True)
