@@ -265,6 +265,18 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_data,
     assert sorted(x.name for x in (out / 'checkpoints').iterdir()) == ['epoch_0001']
 
 
+def test_compiled_run_exports_plain_weights(tiny_data, tmp_path):
+    """ torch.compile (inductor on the CPU, ~30 s): the exported weights and BN statistics carry the
+    model's own names, not the compiled wrapper's '_orig_mod.' ones. """
+    out = tmp_path / 'run'
+    run(['--data_dir', str(tiny_data), '--epochs', '1', '--max_train_samples', '32', '--output_dir', str(out),
+         '--compile', *TINY])
+    keys = list(load_file(str(out / 'model.safetensors')))
+    assert 'cell1.steps.0.conv1.weight' in keys and not any('_orig_mod' in k for k in keys)
+    assert 'cell1.step0.bn1.running_mean' in load_file(str(out / 'bn_stats' / 'epoch_0001.safetensors'))
+    timm.create_model(f'local-dir:{out}', pretrained=True)
+
+
 # ---- logging ---------------------------------------------------------------------------------
 
 
