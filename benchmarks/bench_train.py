@@ -68,7 +68,8 @@ def main():
                     argv += ['--compile_mode', args.compile_mode]
             summary = train(load_config(argv))
             reset_accelerate()
-            rates = [json.loads(line)['images_per_sec'] for line in (Path(out) / 'metrics.jsonl').read_text().splitlines()]
+            lines = (Path(out) / 'metrics.jsonl').read_text().splitlines()
+            rates = [json.loads(line)['images_per_sec'] for line in lines]
         later = max(rates[1:]) if len(rates) > 1 else float('nan')
         compiled = (args.compile_mode or 'default') if args.compile else 'no'
         print(f'{args.model:<12} {batch:>6} {summary["mixed_precision"]:>9} {compiled:>16} {summary["loader"]:>10} '

@@ -312,7 +312,8 @@ def test_bad_steps(steps):
 
 
 def test_bad_bn_sharing_lists_the_valid_values():
-    with pytest.raises(ValueError, match="unknown bn_sharing 'per_step'; valid values: 'independent', 'shared', 'none'"):
+    valid = "'independent', 'shared', 'none'"
+    with pytest.raises(ValueError, match=f"unknown bn_sharing 'per_step'; valid values: {valid}"):
         unroll(PreActBasicBlock(C), 2, bn_sharing='per_step')
 
 

@@ -199,14 +199,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
                       mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
     # trackers take scalars only (TensorBoard's hparams): lists, mappings and None as JSON text
-    tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in run_config.items()}
+    tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                      for k, v in run_config.items()}
     accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
         'wandb': {'name': cfg.run_name or str(out).removeprefix('runs/'), 'dir': str(out)}})
     if accelerator.is_main_process:
         (out / 'run_config.json').write_text(json.dumps(run_config, indent=2))
+        precision = 'fp32' if mixed_precision == 'no' else mixed_precision
         accelerator.print(f'{cfg.model}: {n_params:,} params, {epochs} epochs of {steps_per_epoch} steps '
                           f'(batch {global_batch} over {world} process{"es" * (world > 1)}), loader {loader}, '
-                          f'{"fp32" if mixed_precision == "no" else mixed_precision}, {len(train_split)}/{len(test_split)} train/test examples')
+                          f'{precision}, {len(train_split)}/{len(test_split)} train/test examples')
 
     def evaluate():
         model.eval()
@@ -259,7 +261,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 rate = (steps - bar.n) * labels.numel() * world / max(now - last_t, 1e-9)
                 post = dict(lr=f'{scheduler.get_last_lr()[0]:.4g}', img_s=f'{rate:.0f}')
                 if ready is not None:
-                    if not math.isfinite(ready[0]):
+                    # early stop on one process only; with several, every process stops together at
+                    # the epoch-end check below (one leaving alone would hang the others' collectives)
+                    if world == 1 and not math.isfinite(ready[0]):
                         raise Diverged(f'the training loss became {ready[0]} in epoch {epoch + 1}')
                     post = dict(loss=f'{ready[0]:.4f}', acc=f'{ready[1]:.3f}', **post)
                 bar.set_postfix(post, refresh=False)
