@@ -167,6 +167,19 @@ def test_shared_cifar10_slice_with_the_gpu_resident_loader(tmp_path):
     assert summary['global_step'] == 4
 
 
+def test_cuda_style_settings_on_the_cpu(tiny_data, tmp_path):
+    """ The CUDA defaults (device-resident data, bf16 autocast, channels_last weights) run on the CPU
+    too: checkpoints save (safetensors needs contiguous tensors), resume and export. """
+    out = tmp_path / 'run'
+    argv = ['--data_dir', str(tiny_data), '--output_dir', str(out), '--loader', 'gpu', '--mixed_precision', 'bf16',
+            '--channels_last', 'true', *TINY]
+    run(argv + ['--epochs', '1'])
+    summary = run(argv + ['--epochs', '2', '--resume'])
+    assert summary['epochs_completed'] == 2 and summary['mixed_precision'] == 'bf16'
+    assert summary['loader'] == 'gpu'
+    timm.create_model(f'local-dir:{out}', pretrained=True)
+
+
 def test_cifar100_schema_with_fine_label(tmp_path, capsys):
     data = make_parquet(tmp_path / 'c100', num_classes=100, label='fine_label', n_train=32, n_test=8)
     summary = run(['--data_dir', str(data), '--model', 'rc1_cifar.cifar100', '--epochs', '1',

@@ -65,6 +65,13 @@ class HostScalars:
         return ready
 
 
+def _contiguous_weights(models, weights, output_dir) -> None:
+    """ accelerate save_state pre-hook: make every tensor of the state dicts contiguous. """
+    for state_dict in weights:
+        for k, t in state_dict.items():
+            state_dict[k] = t.contiguous()
+
+
 def _library_versions() -> Dict[str, str]:
     import accelerate
     import datasets
@@ -180,6 +187,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     eval_loader = torch.utils.data.DataLoader(
         BatchedTensorDataset(test_split), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_batch)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
+    # safetensors refuses non-contiguous tensors, and channels_last conv weights are not contiguous
+    accelerator.register_save_state_pre_hook(_contiguous_weights)
     if loader != 'gpu':
         batches = accelerator.prepare(batches)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -324,8 +333,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from timm.models import save_for_hf
-        save_for_hf(accelerator.unwrap_model(model, keep_torch_compile=False), str(out),
-                    model_args=dict(cfg.model_kwargs), safe_serialization=True)
+        final = accelerator.unwrap_model(model, keep_torch_compile=False).to(memory_format=torch.contiguous_format)
+        save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs), safe_serialization=True)
         accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
     accelerator.end_training()
     return summary
