@@ -291,6 +291,16 @@ def test_compiled_run_exports_plain_weights(tiny_data, tmp_path):
     timm.create_model(f'local-dir:{out}', pretrained=True)
 
 
+def test_benchmark_script_prints_its_table(tiny_data):
+    p = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_train.py'), '--data_dir', str(tiny_data),
+                        '--width', '4', '--batch_sizes', '16', '32', '--epochs', '2'],
+                       env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith('rc4_cifar ')]
+    assert [r[1] for r in rows] == ['16', '32'] and all(float(r[-1].replace(',', '')) > 0 for r in rows)
+    assert 'decode: 136 images' in p.stdout
+
+
 # ---- logging ---------------------------------------------------------------------------------
 
 
