@@ -19,14 +19,8 @@ from pathlib import Path
 
 import torch
 
-from timm_rc.train import load_config, train
+from timm_rc.train import load_config, reset_accelerate_state, train
 from timm_rc.train.data import load_image_splits
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def main():
@@ -67,7 +61,7 @@ def main():
                 if args.compile_mode:
                     argv += ['--compile_mode', args.compile_mode]
             summary = train(load_config(argv))
-            reset_accelerate()
+            reset_accelerate_state()
             lines = (Path(out) / 'metrics.jsonl').read_text().splitlines()
             rates = [json.loads(line)['images_per_sec'] for line in lines]
         later = max(rates[1:]) if len(rates) > 1 else float('nan')

@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from timm_rc.train import TrainConfig, UserError, load_config, train
+from timm_rc.train import TrainConfig, UserError, load_config, reset_accelerate_state, train
 from timm_rc.train.data import GpuBatches, ImageSplit, augment, epoch_generator, load_image_splits, normalize
 from timm_rc.train.loop import StepSchedule, main
 
@@ -42,17 +42,11 @@ def make_parquet(folder: Path, n_train=96, n_test=40, num_classes=10, label='lab
     return folder
 
 
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def run(argv):
     try:
         return train(load_config(argv))
     finally:
-        reset_accelerate()
+        reset_accelerate_state()
 
 
 def run_main(argv, capsys):
@@ -60,7 +54,7 @@ def run_main(argv, capsys):
         try:
             main(argv)
         finally:
-            reset_accelerate()
+            reset_accelerate_state()
     return e.value.code, capsys.readouterr().err
 
 

@@ -23,7 +23,7 @@ from .config import TrainConfig, UserError, load_config, paper_epochs
 from .data import BatchedTensorDataset, GpuBatches, augment, collate_batch, epoch_generator, load_image_splits, \
     normalize
 
-__all__ = ['main', 'train', 'Diverged']
+__all__ = ['main', 'train', 'Diverged', 'reset_accelerate_state']
 
 
 class Diverged(Exception):
@@ -70,6 +70,14 @@ def _contiguous_weights(models, weights, output_dir) -> None:
     for state_dict in weights:
         for k, t in state_dict.items():
             state_dict[k] = t.contiguous()
+
+
+def reset_accelerate_state() -> None:
+    """ Forget Accelerate's process-wide state, so that `train` can run again in the same process
+    (tests, benchmarks, notebooks) with other settings. """
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def _library_versions() -> Dict[str, str]:
