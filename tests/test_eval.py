@@ -1,0 +1,226 @@
+""" `python -m timm_rc.eval` and `timm_rc.eval.evaluate`, the one evaluation of the trainer and every command. """
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy
+
+from test_train import SHARED_CIFAR10, TINY, make_parquet, run
+from timm_rc.eval import EvalResult, evaluate, load_model, main, model_mean_std
+from timm_rc.train import UserError, reset_accelerate_state
+from timm_rc.train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """ A finished 1-epoch run, trained the way people do: from its project folder, with relative paths. """
+    root = tmp_path_factory.mktemp('project')
+    make_parquet(root / 'data')
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        summary = run(['--data_dir', 'data', '--epochs', '1', '--output_dir', 'runs/tiny/seed0', *TINY])
+    finally:
+        os.chdir(here)
+    return root, root / 'runs' / 'tiny' / 'seed0', summary
+
+
+def eval_json(argv, capsys):
+    capsys.readouterr()
+    report = main([*argv, '--json'])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(report))
+    return printed
+
+
+def exits_2(argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err and err.count('\n') == 1, err
+    return err
+
+
+# ---- a finished run gives exactly its summary's test error ------------------------------------
+
+
+def test_run_folder_gives_exactly_the_summary_test_error(tiny, capsys):
+    root, out, summary = tiny
+    # the run recorded data_dir 'data' relative to `root`; found from here through its output_dir
+    r = eval_json([str(out)], capsys)
+    assert r['top1_error'] == summary['test_top1_error']  # exactly, not approximately
+    assert r['examples'] == summary['eval_examples'] == 40
+    assert r['run_test_top1_error'] == summary['test_top1_error']
+    assert r['model'] == 'rc4_cifar' and r['model_kwargs'] == {'width': 4} and r['params'] == summary['params']
+    assert r['class_names'] == [f'c{i}' for i in range(10)] and len(r['per_class_accuracy']) == 10
+    assert sum(r['per_class_examples']) == 40 and r['images_per_sec'] > 0
+    assert r['top1_error'] <= 100 and r['top5_error'] <= r['top1_error'] and r['loss'] > 0
+    # the trainer logged the same routine's numbers
+    last = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()][-1]
+    assert last['test/top1_err'] == r['top1_error'] and last['test/top5_err'] == r['top5_error']
+    assert last['test/loss'] == pytest.approx(r['loss'], rel=1e-9)
+
+
+def test_as_a_real_command(tiny):
+    root, out, summary = tiny
+    p = subprocess.run([sys.executable, '-m', 'timm_rc.eval', 'runs/tiny/seed0', '--json'], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)['top1_error'] == summary['test_top1_error']
+
+
+def test_weights_files(tiny, tmp_path, capsys):
+    root, out, summary = tiny
+    weights = shutil.copy(out / 'model.safetensors', tmp_path / 'w.safetensors')
+    r = eval_json([str(weights), '--model', 'rc4_cifar', '--model_kwargs', '{"width": 4}',
+                   '--data_dir', str(root / 'data')], capsys)
+    assert r['top1_error'] == summary['test_top1_error']
+    # a checkpoint's weights: model, kwargs and data are those of the run it lies in
+    ckpt = out / 'checkpoints' / 'epoch_0001' / 'model.safetensors'
+    assert eval_json([str(ckpt)], capsys)['top1_error'] == summary['test_top1_error']
+
+
+def test_a_bf16_channels_last_run_is_evaluated_as_it_was_trained(tiny, tmp_path, capsys):
+    """ The CUDA defaults (bf16 autocast, channels_last), here on the CPU: the command takes precision and
+    memory format from run_config.json, so error and loss are the trainer's own. """
+    root, _, _ = tiny
+    out = tmp_path / 'bf16'
+    summary = run(['--data_dir', str(root / 'data'), '--epochs', '1', '--max_train_samples', '32', '--output_dir',
+                   str(out), '--loader', 'gpu', '--mixed_precision', 'bf16', '--channels_last', 'true', *TINY])
+    r = eval_json([str(out)], capsys)
+    assert r['mixed_precision'] == 'bf16' and r['channels_last'] is True
+    assert r['top1_error'] == summary['test_top1_error']
+    last = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert r['loss'] == pytest.approx(last['test/loss'], rel=1e-12)
+
+
+def test_human_readable_table(tiny, capsys):
+    root, out, summary = tiny
+    main([str(out), '--data_dir', str(root / 'data')])
+    text = capsys.readouterr().out
+    assert f'top-1 error  {summary["test_top1_error"]:.2f}%' in text
+    assert 'top-5 error' in text and 'images/s' in text and 'examples     40' in text
+    assert '(the same)' in text and 'per-class accuracy (%):' in text and '| c9 ' in text
+
+
+def test_untrained_model_by_name(tiny, capsys):
+    root, _, _ = tiny
+    r = eval_json(['--model', 'rc1_cifar', '--model_kwargs', '{"width": 4}', '--data_dir', str(root / 'data'),
+                   '--max_samples', '8', '--batch_size', '3'], capsys)
+    assert r['source'] is None and r['examples'] == 8 and 'run_test_top1_error' not in r
+
+
+# ---- the routine against a direct computation -------------------------------------------------
+
+
+def _reference(model, split):
+    mean, std = model_mean_std(model)
+    with torch.no_grad():
+        logits = model(normalize(split.images, mean, std))
+    top1, top5 = accuracy(logits, split.labels, topk=(1, 5))
+    preds = logits.argmax(-1)
+    per_class = [100.0 * (preds[split.labels == c] == c).float().mean().item() for c in range(logits.shape[-1])]
+    return top1.item(), top5.item(), F.cross_entropy(logits, split.labels).item(), per_class
+
+
+def test_top5_loss_and_per_class_equal_a_direct_computation(tiny):
+    root, out, _ = tiny
+    model = load_model(out)
+    _, test, num_classes, _ = load_image_splits('cifar10', str(root / 'data'), 1)
+    top1, top5, loss, per_class = _reference(model, test)
+    mean, std = model_mean_std(model)
+    loader = torch.utils.data.DataLoader(BatchedTensorDataset(test), batch_size=7, collate_fn=collate_batch)
+    r = evaluate(model, loader, mean=mean, std=std, num_classes=num_classes)
+    assert isinstance(r, EvalResult) and not model.training
+    assert r.examples == 40 and r.per_class_examples == torch.bincount(test.labels, minlength=10).tolist()
+    assert r.top1_correct == round(top1 * 40 / 100) and r.top5_correct == round(top5 * 40 / 100)
+    assert r.top1_error == pytest.approx(100 - top1, abs=1e-9)
+    assert r.top5_error == pytest.approx(100 - top5, abs=1e-9)
+    assert r.loss == pytest.approx(loss, rel=1e-5)
+    assert r.per_class_accuracy == pytest.approx(per_class, abs=1e-9)
+    # through a (one-process) Accelerator: a prepared loader and gather_for_metrics, the trainer's path
+    from accelerate import Accelerator
+    try:
+        accelerator = Accelerator(cpu=True)
+        prepared = accelerator.prepare(loader)
+        r2 = evaluate(model, prepared, mean=mean, std=std, num_classes=num_classes, accelerator=accelerator)
+    finally:
+        reset_accelerate_state()
+    assert (r2.top1_correct, r2.top5_correct, r2.examples) == (r.top1_correct, r.top5_correct, r.examples)
+    assert r2.loss == pytest.approx(r.loss, rel=1e-9)
+
+
+def test_few_classes_have_no_top5_and_empty_classes_no_accuracy():
+    model = timm.create_model('rc1_cifar', width=4, num_classes=3).train()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])  # no example of class 2
+    mean, std = model_mean_std(model)
+    r = evaluate(model, [(images[:4], labels[:4]), (images[4:], labels[4:])], mean=mean, std=std)
+    assert r.top5_error is None and r.top5_correct is None and r.per_class_accuracy[2] is None
+    assert r.per_class_examples == [3, 3, 0] and model.training  # the mode is restored
+    json.dumps(r.to_dict())
+
+
+# ---- bad input: one line, exit code 2 ---------------------------------------------------------
+
+
+def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
+    root, out, _ = tiny
+    data = str(root / 'data')
+    weights = str(out / 'model.safetensors')
+    stray = str(shutil.copy(weights, tmp_path / 'stray.safetensors'))
+    (tmp_path / 'garbage.safetensors').write_bytes(b'not a safetensors file')
+    unfinished = tmp_path / 'unfinished'
+    shutil.copytree(out / 'checkpoints', unfinished / 'checkpoints')
+    moved = shutil.copytree(out, tmp_path / 'moved' / 'elsewhere')
+    c100 = make_parquet(tmp_path / 'c100', n_train=4, n_test=4, num_classes=100)
+    cases = [
+        ([str(tmp_path / 'nope')], 'nope does not exist; give a run folder (holding model.safetensors) or a weights'),
+        ([str(tmp_path)], 'holds no model.safetensors; give a run folder written by the trainer'),
+        ([str(unfinished)], 'the run is not finished: evaluate its newest checkpoint with '
+                            f'{unfinished}/checkpoints/epoch_0001/model.safetensors'),
+        ([], 'nothing to evaluate: give a run folder or a weights file, or --model NAME'),
+        ([stray], 'is a weights file outside a run folder: name its model with --model'),
+        (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names: rc1_cifar"),
+        ([weights, '--model', 'rc4_cifar'], 'do not fit rc4_cifar: size mismatch for conv1.weight'),
+        ([str(out), '--model_kwargs', '{"num_classes": 100}'],
+         'do not fit the model of ' + str(out / 'config.json') + ' with model_kwargs {"num_classes": 100}: '
+                                                                 'size mismatch for fc.weight'),
+        ([str(tmp_path / 'garbage.safetensors'), '--model', 'rc4_cifar'], 'cannot read weights'),
+        ([str(out), '--data_dir', str(c100)],
+         f'the model has a 10-class head but {c100} has 100 classes; evaluate it on its own dataset'),
+        ([str(out), '--model_kwargs', '{"width": 4'], '--model_kwargs needs a JSON object, e.g. \'{"width": 16}\';'),
+        ([str(out), '--model_kwargs', '[4]'], "--model_kwargs needs a JSON object, e.g. '{\"width\": 16}'; got '[4]'"),
+        (['--model', 'rc4_cifar', '--model_kwargs', '{"bn_sharing": "half"}'],
+         'cannot build rc4_cifar with model_kwargs {\'bn_sharing\': \'half\'}: unknown bn_sharing'),
+        ([str(moved)], "the run's data_dir data (relative to where it was trained) does not exist from here"),
+        ([str(out), '--data_dir', str(tmp_path / 'nodata')], 'data_dir ' + str(tmp_path / 'nodata') + ' does not'),
+        ([str(out), '--split', 'validation'], "argument --split: invalid choice: 'validation' (choose from"),
+        ([str(out), '--batch_size', '0'], '--batch_size must be >= 1, got 0'),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(out), '--device', 'cuda'], '--device cuda: CUDA is not available here; use --device cpu'))
+    for argv, message in cases:
+        err = exits_2(argv, capsys)
+        assert message in err, (argv, err)
+    with pytest.raises(UserError, match='weights file outside a run folder'):
+        load_model(stray)
+
+
+def test_a_slice_of_the_real_cifar10(capsys):
+    if not SHARED_CIFAR10.is_dir():
+        pytest.skip(f'{SHARED_CIFAR10} not here')
+    r = eval_json(['--model', 'rc1_cifar', '--model_kwargs', '{"width": 4}', '--data_dir', str(SHARED_CIFAR10),
+                   '--max_samples', '256', '--device', 'cpu'], capsys)
+    assert r['examples'] == 256 and r['class_names'][:2] == ['airplane', 'automobile']
+    assert 0 <= r['top5_error'] <= r['top1_error'] <= 100

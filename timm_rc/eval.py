@@ -1,0 +1,432 @@
+""" `python -m timm_rc.eval`: evaluate a trained (or untrained) model on a dataset's test split.
+
+One evaluation for every caller: the trainer's end-of-epoch test (`timm_rc.train.loop`) and this command
+call the same `evaluate`, so a finished run evaluated here gives exactly the test error its summary.json
+holds (same examples, batch size, precision and memory format: the run's own, read from run_config.json).
+
+    python -m timm_rc.eval runs/rc4_cifar10/seed0                      # a run folder
+    python -m timm_rc.eval runs/rc4_cifar10/seed0 --json               # one JSON object for scripts
+    python -m timm_rc.eval weights.safetensors --model rc4_cifar --model_kwargs '{"width": 16}' \\
+        --data_dir ../shared/data/cifar10
+    python -m timm_rc.eval --model rc4_cifar --data_dir ../shared/data/cifar10   # untrained
+
+Library: `evaluate(model, loader, mean=..., std=...) -> EvalResult`, `load_model(source, model, model_kwargs)`.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .train.config import UserError
+from .train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
+
+__all__ = ['EvalResult', 'evaluate', 'load_model', 'find_run', 'read_run', 'model_mean_std', 'main']
+
+WEIGHTS = 'model.safetensors'  # what the trainer (timm's save_for_hf) and accelerate's save_state write
+PRECISIONS = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@dataclass
+class EvalResult:
+    top1_error: float  # percent
+    top5_error: Optional[float]  # percent; None when the model has fewer than 5 classes
+    loss: float  # mean cross-entropy (no label smoothing); nan without examples
+    per_class_accuracy: List[Optional[float]]  # percent, per class index; None for a class without examples
+    per_class_examples: List[int]
+    examples: int
+    top1_correct: int
+    top5_correct: Optional[int]
+    images_per_sec: float  # examples / seconds of the whole evaluation (forward, metrics, one host sync)
+
+    @property
+    def top1_acc(self) -> float:
+        """ Fraction of examples classified right (the trainer's `test/top1_acc`). """
+        return self.top1_correct / max(self.examples, 1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """ Plain JSON-able values (a non-finite loss becomes None). """
+        d = dataclasses.asdict(self)
+        if not math.isfinite(d['loss']):
+            d['loss'] = None
+        return d
+
+
+def evaluate(
+        model: nn.Module,
+        loader,
+        *,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        channels_last: bool = False,
+        num_classes: Optional[int] = None,
+        accelerator=None,
+        device: Optional[Union[str, torch.device]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+) -> EvalResult:
+    """ Top-1/top-5 error, mean cross-entropy and per-class accuracy of `model` over `loader`.
+
+    `loader` yields (uint8 images (N, C, H, W), int64 labels); `mean`/`std` hold 255 x the per-channel
+    values, shaped (1, C, 1, 1) (`model_mean_std`). With an `accelerator` (the trainer, one or many
+    processes) the loader is a prepared one and per-example results are gathered with
+    `gather_for_metrics`, which drops the duplicates that pad the last batch: every example counts once.
+    Counts stay on the device; the one host sync is at the end. `autocast_dtype` runs the forward under
+    `torch.autocast` (a model prepared by Accelerate already autocasts). The model's train/eval mode
+    is restored afterwards.
+    """
+    if device is None:
+        device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    device = torch.device(device)
+    mean, std = mean.to(device), std.to(device)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    total_dtype = torch.float32 if device.type == 'mps' else torch.float64
+    counts = None  # lazily sized from the first logits when num_classes is not given
+    loss_sum = torch.zeros((), dtype=total_dtype, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(normalize(images, mean, std, channels_last))
+            if counts is None:
+                num_classes = num_classes or logits.shape[-1]
+                counts = torch.zeros(2, num_classes, dtype=torch.int64, device=device)  # examples, correct
+            k = min(5, logits.shape[-1])
+            hit1 = logits.argmax(-1) == labels  # argmax: the first of tied maxima, as timm's accuracy
+            hit5 = (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1)
+            losses = F.cross_entropy(logits.float(), labels, reduction='none')
+            if accelerator is not None:
+                labels, hit1, hit5, losses = accelerator.gather_for_metrics((labels, hit1, hit5, losses))
+            top1 += hit1.sum()
+            top5 += hit5.sum()
+            loss_sum += losses.sum(dtype=total_dtype)
+            counts[0].index_add_(0, labels, torch.ones_like(labels))
+            counts[1].index_add_(0, labels, hit1.long())
+    model.train(was_training)
+    if counts is None:  # an empty loader
+        counts = torch.zeros(2, num_classes or 0, dtype=torch.int64)
+    per_class_examples, per_class_correct = counts.tolist()  # the host sync
+    top1, top5, loss_sum = top1.item(), top5.item(), loss_sum.item()
+    seconds = time.perf_counter() - t0
+    n = sum(per_class_examples)
+    top1_acc = top1 / max(n, 1)
+    has_top5 = len(per_class_examples) >= 5
+    return EvalResult(
+        top1_error=100.0 * (1.0 - top1_acc),
+        top5_error=100.0 * (1.0 - top5 / max(n, 1)) if has_top5 else None,
+        loss=loss_sum / n if n else float('nan'),
+        per_class_accuracy=[100.0 * c / e if e else None for c, e in zip(per_class_correct, per_class_examples)],
+        per_class_examples=per_class_examples,
+        examples=n,
+        top1_correct=top1,
+        top5_correct=top5 if has_top5 else None,
+        images_per_sec=n / max(seconds, 1e-9),
+    )
+
+
+def model_mean_std(model: nn.Module, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ The model's `pretrained_cfg` mean and std, x 255, shaped (1, C, 1, 1), as `evaluate` takes them. """
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg['mean'], device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(cfg['std'], device=device).view(1, -1, 1, 1) * 255
+    return mean, std
+
+
+# ---- what to evaluate ------------------------------------------------------------------------
+
+
+def find_run(path: Union[str, Path]) -> Optional[Path]:
+    """ The run folder (holding run_config.json) that `path` is, or that a weights file lies in: the run's
+    own model.safetensors, or a checkpoint's (run/checkpoints/epoch_0002/model.safetensors). """
+    path = Path(path)
+    for d in ([path] if path.is_dir() else []) + list(path.parents)[:3]:
+        if (d / 'run_config.json').is_file():
+            return d
+    return None
+
+
+def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """ A run's run_config.json, with its summary.json (if written) under 'summary'. """
+    run_dir = Path(run_dir)
+    run: Dict[str, Any] = {}
+    for name in ('run_config.json', 'summary.json'):
+        f = run_dir / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f'{f} is not valid JSON: {e}') from None
+            if name == 'summary.json':
+                run['summary'] = data
+            else:
+                run.update(data)
+    return run
+
+
+def _similar_models(name: str) -> str:
+    import timm
+    close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
+    return ', '.join(close)
+
+
+def _create(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+    import timm_rc  # noqa: F401  registers the RC models
+    if not name.startswith('local-dir:') and not timm.is_model(name.split('.')[0]):
+        raise UserError(f'unknown model {name!r}; similar names: {_similar_models(name)}')
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as e:
+        shown = name.removeprefix('local-dir:')
+        raise UserError(f'cannot build {shown} with model_kwargs {kwargs}: {e}') from None
+
+
+def _load_weights(model: nn.Module, weights: Path, what: str) -> None:
+    """ timm's own checkpoint loading: strict, and it drops DDP / torch.compile key prefixes. """
+    from timm.models import load_checkpoint
+    try:
+        load_checkpoint(model, str(weights), strict=True)
+    except RuntimeError as e:
+        text = str(e)
+        if 'Error(s) in loading state_dict' not in text:
+            raise UserError(f'cannot read weights {weights}: {text.splitlines()[0]}') from None
+        problems = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+        first = problems[0] if problems else text
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise UserError(f'weights {weights} do not fit {what}: {first[:300]}{more}; pass the --model and '
+                        f'--model_kwargs the weights were trained with') from None
+    except Exception as e:  # safetensors, pickle and OS errors for a file that is no checkpoint
+        raise UserError(f'cannot read weights {weights}: {type(e).__name__}: {str(e)[:300]}') from None
+
+
+def _describe(name: str, kwargs: Dict[str, Any]) -> str:
+    return f'{name} with model_kwargs {json.dumps(kwargs)}' if kwargs else name
+
+
+def load_model(
+        source: Optional[Union[str, Path]] = None,
+        model: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> nn.Module:
+    """ The model to evaluate, on the CPU in eval mode, with its `pretrained_cfg` (mean/std).
+
+    * `source` a folder written by the trainer or timm's `save_for_hf` (config.json + model.safetensors):
+      built from its config.json (`local-dir:`), `model_kwargs` on top; a run folder without config.json
+      is built from its run_config.json. `model` builds that timm model instead, with the folder's weights.
+    * `source` a weights file (model.safetensors, or a checkpoint's): needs `model` (and the
+      `model_kwargs` it was trained with), unless the file lies in a run folder, whose model is then used.
+    * no `source`: the timm model `model` as created (untrained, or timm's pretrained tag).
+
+    Weights load strictly through timm (`timm.models.load_checkpoint`), so weights that do not fit are an
+    error, never a silently re-initialised classifier (which `pretrained=True` does when the class count
+    differs from the pretrained_cfg's). Problems are `UserError`s that name them.
+    """
+    kwargs = dict(model_kwargs or {})
+    if source is None:
+        if model is None:
+            raise UserError('nothing to evaluate: give a run folder or a weights file, or --model NAME for an '
+                            'untrained model')
+        return _create(model, kwargs).eval()
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f'{source} does not exist; give a run folder (holding {WEIGHTS}) or a weights file')
+    weights = path / WEIGHTS if path.is_dir() else path
+    if path.is_dir() and not weights.is_file():
+        hint = ''
+        ckpts = sorted((path / 'checkpoints').glob(f'epoch_*/{WEIGHTS}'))
+        if ckpts:
+            hint = f'; the run is not finished: evaluate its newest checkpoint with {ckpts[-1]}'
+        raise UserError(f'{source} holds no {WEIGHTS}; give a run folder written by the trainer (or timm\'s '
+                        f'save_for_hf) or a weights file{hint}')
+    if model is None and path.is_dir() and (path / 'config.json').is_file():
+        net = _create(f'local-dir:{path}', kwargs)
+        what = f'the model of {path / "config.json"}' + (f' with model_kwargs {json.dumps(kwargs)}' if kwargs else '')
+    else:
+        if model is None:
+            run_dir = find_run(path)
+            run = read_run(run_dir) if run_dir is not None else {}
+            if 'model' not in run:
+                raise UserError(f'{source} is a weights file outside a run folder: name its model with --model '
+                                f'(and --model_kwargs), e.g. --model rc4_cifar --model_kwargs \'{{"width": 16}}\'')
+            model, kwargs = run['model'], {**run.get('model_kwargs', {}), **kwargs}
+        net = _create(model, kwargs)
+        what = _describe(model, kwargs)
+    _load_weights(net, weights, what)
+    return net.eval()
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every other bad input
+        raise UserError(f'{message} (see python -m timm_rc.eval --help)')
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog='python -m timm_rc.eval', description=__doc__.split('\n\n')[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('source', nargs='?', metavar='RUN_OR_WEIGHTS',
+                   help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained')
+    p.add_argument('--model', help='timm name (e.g. rc4_cifar, rc4_cifar.cifar100); default: the run\'s')
+    p.add_argument('--model_kwargs', help='JSON object passed to timm.create_model, e.g. \'{"width": 16}\'')
+    p.add_argument('--dataset', help='cifar10, cifar100 or a hub id; default: the run\'s, else cifar10')
+    p.add_argument('--data_dir', help='local folder in the hub\'s parquet schema; default: the run\'s')
+    p.add_argument('--split', default='test', choices=('test', 'train'))
+    p.add_argument('--batch_size', type=int, help='default: the run\'s eval_batch_size, else 1024')
+    p.add_argument('--max_samples', type=int, help='first N examples; default: the run\'s max_eval_samples (test)')
+    p.add_argument('--device', help='cpu, cuda, cuda:N; default: cuda if available')
+    p.add_argument('--mixed_precision', choices=tuple(PRECISIONS),
+                   help='autocast dtype; default: the run\'s, else no')
+    p.add_argument('--json', action='store_true', help='print one JSON object (with top1_error) instead of a table')
+    return p
+
+
+def _parse_kwargs(text: Optional[str]) -> Optional[Dict[str, Any]]:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f'--model_kwargs needs a JSON object, e.g. \'{{"width": 16}}\'; {text!r} is not valid '
+                        f'JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise UserError(f'--model_kwargs needs a JSON object, e.g. \'{{"width": 16}}\'; got {text!r}')
+    return value
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {name}: CUDA is not available here; use --device cpu')
+    return device
+
+
+def _run_data_dir(run_dir: Path, run: Dict[str, Any]) -> Optional[str]:
+    """ The run's data_dir as the run recorded it: relative to the folder it was trained from. That is the
+    current folder, or the one the run folder's recorded output_dir (e.g. runs/x/seed0) is relative to. """
+    data_dir = run.get('data_dir')
+    if data_dir is None or Path(data_dir).is_absolute() or Path(data_dir).is_dir():
+        return data_dir
+    out = Path(run.get('output_dir') or '')
+    here = run_dir.resolve()
+    if out.parts and not out.is_absolute() and here.parts[-len(out.parts):] == out.parts:
+        candidate = here.parents[len(out.parts) - 1] / data_dir
+        if candidate.is_dir():
+            return str(candidate)
+    raise UserError(f'the run\'s data_dir {data_dir} (relative to where it was trained) does not exist from '
+                    f'here ({Path.cwd()}); pass --data_dir DIR')
+
+
+def _run_and_report(args) -> Dict[str, Any]:
+    kwargs = _parse_kwargs(args.model_kwargs)
+    for key in ('batch_size', 'max_samples'):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
+    device = _device(args.device)
+    run_dir = find_run(args.source) if args.source is not None and Path(args.source).exists() else None
+    run = read_run(run_dir) if run_dir is not None else {}
+    net = load_model(args.source, args.model, kwargs)
+
+    dataset = args.dataset or run.get('dataset') or 'cifar10'
+    if args.data_dir is not None:
+        data_dir = args.data_dir
+    elif args.dataset is None and run_dir is not None:
+        data_dir = _run_data_dir(run_dir, run)
+    else:
+        data_dir = None
+    limit = args.max_samples or (run.get('max_eval_samples') if args.split == 'test' else None)
+    train, test, num_classes, class_names = load_image_splits(
+        dataset, data_dir, limit if args.split == 'train' else 1, limit if args.split == 'test' else 1)
+    split = test if args.split == 'test' else train
+    if net.num_classes != num_classes:
+        raise UserError(
+            f'the model has a {net.num_classes}-class head but {data_dir or dataset} has {num_classes} classes; '
+            f'evaluate it on its own dataset (--dataset / --data_dir), or pass the --model / --model_kwargs it '
+            f'was trained with')
+
+    precision = args.mixed_precision or run.get('mixed_precision') or 'no'
+    channels_last = run.get('channels_last', device.type == 'cuda')
+    batch_size = args.batch_size or run.get('eval_batch_size') or 1024
+    mean, std = model_mean_std(net, device)
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
+                                         collate_fn=collate_batch, pin_memory=device.type == 'cuda')
+    result = evaluate(net, loader, mean=mean, std=std, channels_last=channels_last, num_classes=num_classes,
+                      device=device, autocast_dtype=PRECISIONS[precision])
+    report = dict(
+        result.to_dict(),
+        source=args.source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
+        model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
+        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir, split=args.split,
+        class_names=class_names, batch_size=batch_size, device=str(device), mixed_precision=precision,
+        channels_last=channels_last,
+    )
+    summary = run.get('summary', {})
+    if args.split == 'test' and 'test_top1_error' in summary and summary.get('eval_examples') == result.examples:
+        report['run_test_top1_error'] = summary['test_top1_error']  # what the trainer measured, to compare
+    return report
+
+
+def _table(r: Dict[str, Any]) -> str:
+    kwargs = f' {json.dumps(r["model_kwargs"])}' if r['model_kwargs'] else ''
+    where = r['data_dir'] or r['dataset']
+    precision = 'fp32' if r['mixed_precision'] == 'no' else r['mixed_precision']
+    lines = [f'{r["source"] or "untrained"}: {r["model"]}{kwargs}, {r["params"]:,} params',
+             f'  on {where} ({r["split"]} split), {r["device"]}, {precision}, batch {r["batch_size"]}']
+    top5 = f'{r["top5_error"]:.2f}%' if r['top5_error'] is not None else 'n/a (fewer than 5 classes)'
+    loss = f'{r["loss"]:.4f}' if r['loss'] is not None else 'n/a'
+    rows = [('top-1 error', f'{r["top1_error"]:.2f}%'), ('top-5 error', top5), ('loss', loss),
+            ('images/s', f'{r["images_per_sec"]:,.0f}'), ('examples', f'{r["examples"]:,}')]
+    if 'run_test_top1_error' in r:
+        same = 'the same' if r['run_test_top1_error'] == r['top1_error'] else 'differs'
+        rows.append(('run summary', f'top-1 error {r["run_test_top1_error"]:.2f}% ({same})'))
+    lines += [f'  {k:<13}{v}' for k, v in rows]
+    names = r['class_names'] or [str(i) for i in range(len(r['per_class_accuracy']))]
+    cells = [f'{n} {a:.1f}' if a is not None else f'{n} -' for n, a in zip(names, r['per_class_accuracy'])]
+    lines.append('  per-class accuracy (%):')
+    row = ''
+    for cell in cells:  # as many classes a line as fit in 100 columns
+        if row and len(row) + 3 + len(cell) > 96:
+            lines.append(f'    {row}')
+            row = ''
+        row = f'{row} | {cell}' if row else cell
+    lines.append(f'    {row}')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """ `python -m timm_rc.eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json.
+    Bad input: one line on stderr and exit code 2. Returns the report (for callers in Python). """
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        report = _run_and_report(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2)
+    print(json.dumps(report) if args.json else _table(report))
+    return report
+
+
+if __name__ == '__main__':
+    main()
