@@ -460,3 +460,194 @@ def test_gpu_batches_shard_one_global_permutation():
 def test_step_schedule():
     s = StepSchedule(warmup_steps=4, milestones=[10, 20], gamma=0.1)
     assert [s(i) for i in (0, 3, 9, 10, 19, 20)] == pytest.approx([0.25, 1, 1, 0.1, 0.1, 0.01])
+
+
+# ---- what a new user hit (issue 10) ------------------------------------------------------------
+
+
+def test_command_line_mappings_merge_into_the_files(tmp_path):
+    nobn = str(REPO / 'train_configs' / 'rc4_nobn_cifar10.yaml')
+    cfg = load_config(['--config', nobn, '--model_kwargs', '{"width": 8}'])
+    assert cfg.model_kwargs == {'bn_sharing': 'none', 'width': 8}  # the file's bn_sharing survives
+    cfg = load_config(['--config', nobn, '--model_kwargs.width', '8', '--model_kwargs.block=postact',
+                       '--model_kwargs', '{"bn_sharing": "shared"}'])
+    assert cfg.model_kwargs == {'bn_sharing': 'shared', 'width': 8, 'block': 'postact'}  # the command line wins
+    with pytest.raises(UserError, match=r"config key 'epochs.x' in the command line: only mappings \(model_kwargs\)"):
+        load_config(['--epochs.x', '3'])
+
+
+def test_help_lists_every_key_with_type_default_and_comment(capsys):
+    assert main(['--help']) is None and main(['-h']) is None
+    out = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert f'  --{name} ' in out
+    assert '  --epochs int or null (default null)\n      None: 160 for depth > 10, 120 otherwise' in out
+    assert '  --lr_milestones list of int (default [60, 90])' in out
+    assert out.index('\nmodel:') < out.index('\ndata:') < out.index('\nspeed:')
+
+
+def test_the_run_prints_its_resolved_model_kwargs(tiny_data, tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model_kwargs: {bn_sharing: none}\n')
+    run(['--config', str(cfg), '--data_dir', str(tiny_data), '--output_dir', str(tmp_path / 'run'), '--max_steps', '1',
+         *TINY])
+    assert 'rc4_cifar {"bn_sharing": "none", "width": 4}: 5,' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--mixed_precision', 'fp16'], 'mixed_precision fp16 needs a CUDA device'),
+    (['--compile_mode', 'max-autotune'], "compile_mode 'max-autotune' only applies with compile: true"),
+    (['--compile', '--compile_mode', 'reduce-overhead'], "compile_mode 'reduce-overhead' means CUDA graphs"),
+    (['--log_model'], "log_model logs the model to W&B and needs log_with to include 'wandb'"),
+])
+def test_settings_that_cannot_take_effect_on_the_cpu_are_errors(argv, message, tiny_data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    code, err = run_main(['--data_dir', str(tiny_data), '--output_dir', str(out), *TINY, *argv], capsys)
+    assert code == 2 and message in err and 'Traceback' not in err
+    assert not out.exists()
+
+
+def test_sync_bn_with_cpu_processes_is_an_error():
+    from timm_rc.train.loop import _check_device_settings
+    with pytest.raises(UserError, match='sync_bn needs CUDA processes'):
+        _check_device_settings(TrainConfig(sync_bn=True), cuda=False, world=2, mixed_precision='no')
+    _check_device_settings(TrainConfig(sync_bn=True), cuda=True, world=2, mixed_precision='bf16')
+
+
+def test_bf16_on_the_cpu_is_applied(tiny_data, tmp_path):
+    base = ['--data_dir', str(tiny_data), '--max_steps', '2', *TINY]
+    fp32 = run(base + ['--output_dir', str(tmp_path / 'fp32')])
+    bf16 = run(base + ['--output_dir', str(tmp_path / 'bf16'), '--mixed_precision', 'bf16'])
+    assert bf16['mixed_precision'] == 'bf16' and fp32['train_loss'] != bf16['train_loss']
+
+
+def test_resume_with_other_settings_lists_the_differences(tiny_data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    base = ['--data_dir', str(tiny_data), '--output_dir', str(out), *TINY]
+    run(base + ['--epochs', '1'])
+    weights = (out / 'checkpoints' / 'epoch_0001' / 'model.safetensors').read_bytes()
+    code, err = run_main(base + ['--epochs', '2', '--resume', '--model_kwargs.width', '8', '--lr', '0.2'], capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert f'cannot resume {out}: its settings differ (' in err
+    assert "model_kwargs: {'width': 4} in the run, {'width': 8} now" in err and 'lr: 0.1 in the run, 0.2 now' in err
+    assert (out / 'checkpoints' / 'epoch_0001' / 'model.safetensors').read_bytes() == weights
+    summary = run(base + ['--epochs', '2', '--resume', '--log_interval', '1'])  # more epochs: allowed
+    assert summary['epochs_completed'] == 2
+
+
+def test_ctrl_c_says_where_the_newest_checkpoint_is(tiny_data, tmp_path, capsys, monkeypatch):
+    import timm_rc.train.loop as loop
+
+    def interrupt(point):
+        if point == 'step9':  # in epoch 2 (6 steps per epoch)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(loop, 'fault', interrupt)
+    out = tmp_path / 'run'
+    argv = ['--data_dir', str(tiny_data), '--output_dir', str(out), '--epochs', '3', *TINY]
+    code, err = run_main(argv, capsys)
+    assert code == 130 and 'Traceback' not in err
+    assert f'interrupted. The newest complete checkpoint is {out}/checkpoints/epoch_0001; continue with: ' \
+           f'python train.py --data_dir {tiny_data} --output_dir {out} --epochs 3' in err
+    assert err.rstrip().endswith('--resume (or the same through accelerate launch)')
+
+
+def test_user_errors_print_on_the_main_process_only(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('RANK', '1')
+    code, err = run_main(['--epochz', '1'], capsys)
+    assert code == 2 and err == ''
+
+
+def test_a_bad_config_under_the_launcher_prints_one_line(tmp_path):
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '-q', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '--epochz', '1']
+    p = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("error: unknown config key 'epochz'") == 1, p.stderr[-3000:]
+
+
+def test_accelerate_launch_uses_the_cores_not_one_thread(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '1', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(REPO / 'train.py'), '--data_dir', str(tiny_data),
+           '--max_steps', '1', '--output_dir', str(out), *TINY]
+    env = _subprocess_env()
+    env.pop('OMP_NUM_THREADS', None)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert json.loads((out / 'summary.json').read_text())['num_threads'] == cores
+    if cores > 1:
+        assert f'{cores} CPU thread(s) per process (accelerate launch set OMP_NUM_THREADS=1' in p.stdout
+    # a count the user chose is kept
+    p = subprocess.run(cmd[:-len(TINY) - 2] + ['--output_dir', str(tmp_path / 'run2'), *TINY],
+                       env=dict(env, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / 'run2' / 'summary.json').read_text())['num_threads'] == 1
+
+
+def test_wandb_asks_wandb_whether_a_key_is_configured(tmp_path, monkeypatch):
+    from timm_rc.train.loop import _trackers
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    monkeypatch.setenv('WANDB_BASE_URL', 'https://wandb.example.org')  # a self-hosted server
+    (tmp_path / '.netrc').write_text(f'machine wandb.example.org\n  login user\n  password {"k" * 40}\n')
+    (tmp_path / '.netrc').chmod(0o600)
+    try:
+        assert _trackers(TrainConfig(log_with='wandb'), tmp_path) == (['wandb'], None, None)
+    finally:
+        from wandb.sdk.lib import wbauth
+        wbauth.unauthenticate_session(update_settings=False)  # forget the key loaded above
+    # without a key: offline, said in one line (test_wandb_offline_run_summary_and_model_artifact)
+
+
+def test_wandb_online_without_a_key_is_one_line_and_keeps_the_run(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    base = [sys.executable, str(REPO / 'train.py'), '--data_dir', str(tiny_data), '--output_dir', str(out), *TINY]
+    env = _subprocess_env(HOME=str(tmp_path))
+    env.pop('WANDB_API_KEY', None)
+    env.pop('WANDB_MODE', None)
+    assert subprocess.run(base + ['--epochs', '1'], env=env, capture_output=True, timeout=300).returncode == 0
+    files = sorted(p.relative_to(out) for p in out.rglob('*'))
+    p = subprocess.run(base + ['--epochs', '2', '--resume', '--log_with', 'wandb'], env=dict(env, WANDB_MODE='online'),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        'error: WANDB_MODE=online but no W&B API key is configured: run `wandb login` (or set WANDB_API_KEY), '
+        'or unset WANDB_MODE to log offline')
+    assert sorted(p.relative_to(out) for p in out.rglob('*')) == files
+
+
+def test_wandb_offline_run_summary_and_model_artifact(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    env = _subprocess_env(WANDB_SILENT='true', HOME=str(tmp_path))
+    env.pop('WANDB_MODE', None)
+    env.pop('WANDB_API_KEY', None)
+    p = subprocess.run([sys.executable, str(REPO / 'train.py'), '--data_dir', str(tiny_data), '--epochs', '1',
+                        '--output_dir', str(out), '--log_with', 'wandb', '--log_model', *TINY], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f'W&B: no API key configured (`wandb login`), logging offline; upload later with: wandb sync {out}' \
+           in p.stdout
+    log, = (out / 'wandb').glob('offline-run-*/*.wandb')  # W&B's own record log (protobuf records)
+    records = log.read_bytes()
+    assert b'bn/*' in records  # define_metric('bn/*', summary='none'): no BN keys in the run summary
+    assert f'{out.name}-model'.encode() in records  # the model artifact was logged
+
+
+def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
+    from timm_rc.train.loop import _log_model_artifact
+    out, summary = tiny_run
+    logged = []
+
+    class Run:
+        name = 'cpu_w8/rc4 cifar/seed0'
+
+        def log_artifact(self, artifact, aliases):
+            logged.append((artifact, aliases))
+    _log_model_artifact(Run(), out, summary)
+    (artifact, aliases), = logged
+    assert (artifact.name, artifact.type, aliases) == ('cpu_w8-rc4-cifar-seed0-model', 'model', ['latest', 'epoch2'])
+    assert sorted(artifact.manifest.entries) == ['config.json', 'model.safetensors']
+    assert artifact.metadata['test_top1_error'] == summary['test_top1_error']

@@ -1,10 +1,15 @@
 """ Training configuration: defaults, then a YAML file, then command-line overrides.
 
 Every field is typed; an unknown key or a value of the wrong type is a `UserError` that names the key
-and lists the valid ones (the command line turns it into exit code 2, no traceback).
+and lists the valid ones (the command line turns it into exit code 2, no traceback). Mappings
+(`model_kwargs`) merge: the YAML file's entries, then the command line's, key by key
+(`--model_kwargs '{"width": 8}'` or `--model_kwargs.width 8`). `--help` lists every key with its type,
+default and the comment beside it below.
 """
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs']
+__all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs', 'config_help', 'wants_help']
 
 
 class UserError(Exception):
@@ -51,11 +56,13 @@ class TrainConfig:
     channels_last: Optional[bool] = None  # None: on for CUDA
     sync_bn: bool = False  # SyncBatchNorm across processes
     eval_batch_size: int = 1024  # per process
+    num_threads: Optional[int] = None  # CPU threads per process; None: the process's cores (see README)
     # --- output, logging, checkpoints ------------------------------------------------------------
     output_dir: Optional[str] = None  # may use {seed} {model} {dataset}; None: runs/{model}-{dataset}/seed{seed}
     log_with: str = 'none'  # 'wandb', 'tensorboard', 'none', or a comma list
     project: str = 'timm_rc'  # W&B project / tracker project name
     run_name: Optional[str] = None  # None: the output_dir below runs/
+    log_model: bool = False  # W&B: log the final model.safetensors + config.json as a model artifact
     log_interval: int = 50  # progress-bar refresh in steps (reads values without a host sync)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: Optional[str] = None  # 'auto' (newest complete checkpoint in output_dir) or a path
@@ -79,7 +86,7 @@ CHOICES = {
 }
 TRACKERS = ('wandb', 'tensorboard', 'none')
 POSITIVE = ('batch_size', 'eval_batch_size', 'log_interval', 'keep_checkpoints', 'epochs',
-            'max_train_samples', 'max_eval_samples', 'max_steps')
+            'max_train_samples', 'max_eval_samples', 'max_steps', 'num_threads')
 
 
 def paper_epochs(depth: Optional[int]) -> int:
@@ -91,6 +98,14 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _type_name(tp) -> str:
+    """ int, float or null, list of int, mapping: how a user reads a type. """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return ' or '.join(_type_name(a) for a in args if a is not type(None)) + ' or null'
+    if origin in (list, List):
+        return f'list of {_type_name(args[0])}'
+    if origin in (dict, Dict):
+        return 'mapping'
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
 
@@ -158,12 +173,28 @@ def _convert(key: str, value: Any, tp, from_cli: bool) -> Any:
 
 
 def _apply(cfg: Dict[str, Any], updates: Dict[str, Any], source: str, from_cli: bool) -> None:
+    """ Set each key; a mapping merges into the current one (the later source wins per entry), and
+    `key.sub` sets one entry of the mapping `key`. """
     hints = typing.get_type_hints(TrainConfig)
     for key, value in updates.items():
+        key, dot, sub = key.partition('.')
         if key not in _FIELDS:
             raise UserError(
                 f'unknown config key {key!r} in {source}; valid keys: {", ".join(sorted(_FIELDS))}')
-        cfg[key] = _convert(key, value, hints[key], from_cli)
+        is_mapping = typing.get_origin(hints[key]) in (dict, Dict)
+        if dot:
+            if not is_mapping or not sub:
+                raise UserError(f'config key {key + dot + sub!r} in {source}: only mappings '
+                                f'({", ".join(k for k in _FIELDS if typing.get_origin(hints[k]) in (dict, Dict))}) '
+                                f'take a dotted entry such as model_kwargs.width')
+            if from_cli and isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value)  # 8 -> int, true -> bool, [1, 2] -> list, text stays text
+                except yaml.YAMLError:
+                    pass
+            value = {sub: value}
+        value = _convert(key, value, hints[key], from_cli)
+        cfg[key] = {**(cfg.get(key) or {}), **value} if is_mapping else value
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -209,6 +240,37 @@ def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
         out[key] = value  # the last of repeated keys wins, as with argparse
         i += 1
     return out
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ('-h', '--help') for a in argv)
+
+
+def config_help(prog: str = 'train.py') -> str:
+    """ Every config key with its type, default and comment, grouped as in `TrainConfig`. """
+    hints = typing.get_type_hints(TrainConfig)
+    lines = [
+        f'usage: {prog} [--config FILE.yaml] [--key value | --key=value ...]',
+        '',
+        'Settings come from the defaults below, then the YAML file, then the command line (the last of a',
+        'repeated key wins). Mappings merge per entry: --model_kwargs \'{"width": 8}\' or --model_kwargs.width 8.',
+        'A bare --resume means --resume auto; a bare boolean flag (--compile) means true; null/none unsets.',
+        'Multi-process: accelerate launch [--multi_gpu --num_processes N] train.py ...',
+    ]
+    defaults = TrainConfig()
+    for line in inspect.getsource(TrainConfig).splitlines():
+        group = re.match(r'\s*# -+ (.+?) -*$', line)
+        if group:
+            lines += ['', f'{group.group(1)}:']
+            continue
+        m = re.match(r'\s*(\w+): [^=]+=.*?(?:#\s*(.*))?$', line)
+        if m and m.group(1) in _FIELDS:
+            name = m.group(1)
+            default = json.dumps(getattr(defaults, name))
+            lines.append(f'  --{name} {_type_name(hints[name])} (default {default})')
+            if m.group(2):
+                lines.append(f'      {m.group(2)}')
+    return '\n'.join(lines)
 
 
 def load_config(argv: Sequence[str] = ()) -> TrainConfig:

@@ -10,16 +10,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .bnstats import bn_scalars, per_step_bn, save_bn_stats
-from .checkpoint import complete_checkpoints, fault, latest_checkpoint, read_trainer_state, remove_partial, \
-    save_checkpoint
+from .checkpoint import checkpoint_problem, choose_checkpoint, complete_checkpoints, fault, latest_checkpoint, \
+    read_trainer_state, remove_partial, save_checkpoint, writing
+from .lock import RunLock, run_on_main
 from ..models import RCNet
-from .config import TrainConfig, UserError, load_config, paper_epochs
+from .config import TrainConfig, UserError, config_help, load_config, paper_epochs, wants_help
 from .data import BatchedTensorDataset, GpuBatches, augment, collate_batch, epoch_generator, load_image_splits, \
     normalize
 
@@ -102,16 +103,126 @@ def _create_model(cfg: TrainConfig) -> nn.Module:
         raise UserError(f'cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}') from None
 
 
-def _trackers(cfg: TrainConfig) -> List[str]:
+def _trackers(cfg: TrainConfig, out: Path) -> Tuple[List[str], Optional[str], Optional[str]]:
+    """ The trackers to start, the W&B mode to ask for (None: W&B's own choice), and a line to print
+    about it (or None).
+
+    W&B itself says whether a key is configured (environment, its settings files, any host in .netrc):
+    without one the run logs offline rather than prompting, and says so. WANDB_MODE is honoured;
+    WANDB_MODE=online without a key is an error, found before any work is done.
+    """
     names = [n.strip() for n in cfg.log_with.split(',') if n.strip() and n.strip() != 'none']
-    if 'wandb' in names and 'WANDB_MODE' not in os.environ and not os.environ.get('WANDB_API_KEY'):
-        netrc = Path.home() / '.netrc'
-        if not (netrc.is_file() and 'api.wandb.ai' in netrc.read_text()):
-            os.environ['WANDB_MODE'] = 'offline'  # no key: log locally, `wandb sync` later
-    return names
+    if 'wandb' not in names:
+        return names, None, None
+    mode = os.environ.get('WANDB_MODE', '').lower()
+    if mode in ('offline', 'dryrun'):
+        return names, None, (f'W&B logs offline (WANDB_MODE={mode}); upload later with: '
+                             f'wandb sync {out}/wandb/offline-run-*')
+    if mode == 'disabled':
+        return names, None, 'W&B is disabled (WANDB_MODE=disabled): nothing is logged to it'
+    import wandb
+    try:
+        has_key = wandb.login(prompt=False, verify=False)
+    except Exception as e:  # an invalid key format, unreadable settings
+        raise UserError(f'W&B credentials are not usable ({type(e).__name__}: {e}); fix them with `wandb login`, '
+                        f'or log offline with WANDB_MODE=offline') from None
+    if has_key:
+        return names, None, None
+    if mode == 'online':
+        raise UserError('WANDB_MODE=online but no W&B API key is configured: run `wandb login` (or set '
+                        'WANDB_API_KEY), or unset WANDB_MODE to log offline')
+    return names, 'offline', (f'W&B: no API key configured (`wandb login`), logging offline; upload later with: '
+                   f'wandb sync {out}/wandb/offline-run-*')
+
+
+def _check_device_settings(cfg: TrainConfig, cuda: bool, world: int, mixed_precision: str) -> None:
+    """ A setting that cannot take effect here is an error, never silently ignored. """
+    if not cuda and mixed_precision == 'fp16':
+        raise UserError('mixed_precision fp16 needs a CUDA device (on the CPU Accelerate would run fp32 '
+                        'without saying so); on the CPU use bf16 or no')
+    if cfg.sync_bn and world > 1 and not cuda:
+        raise UserError(f'sync_bn needs CUDA processes (SyncBatchNorm has no CPU implementation); these '
+                        f'{world} processes run on the CPU: drop --sync_bn')
+    if cfg.compile_mode is not None and not cfg.compile:
+        raise UserError(f'compile_mode {cfg.compile_mode!r} only applies with compile: true; add --compile true '
+                        f'or drop compile_mode')
+    if cfg.compile_mode == 'reduce-overhead' and not cuda:
+        raise UserError("compile_mode 'reduce-overhead' means CUDA graphs and needs a CUDA device; on the CPU "
+                        "use compile without a mode")
+    if cfg.num_threads is not None and cuda:
+        raise UserError('num_threads sets CPU threads for CPU training; this process trains on CUDA')
+    if cfg.log_model and 'wandb' not in cfg.log_with:
+        raise UserError("log_model logs the model to W&B and needs log_with to include 'wandb'")
+
+
+def _launcher_set_threads() -> bool:
+    """ True when OMP_NUM_THREADS=1 comes from `accelerate launch`'s default rather than from the user.
+
+    Without `accelerate config`, the launcher sets OMP_NUM_THREADS=1 for every process unless the
+    user set it or passed --num_cpu_threads_per_process. The launcher is this process's parent (or
+    the parent of torchrun's agent, which runs inside it): its own environment and command line say
+    what the user chose.
+    """
+    if os.environ.get('OMP_NUM_THREADS') != '1' or 'ACCELERATE_MIXED_PRECISION' not in os.environ:
+        return False
+    try:
+        parent = Path(f'/proc/{os.getppid()}')
+        env = parent.joinpath('environ').read_bytes().split(b'\0')
+        argv = parent.joinpath('cmdline').read_bytes().split(b'\0')
+    except OSError:
+        return False
+    user_chose = any(e.startswith(b'OMP_NUM_THREADS=') for e in env) or any(
+        a.startswith(b'--num_cpu_threads_per_process') for a in argv)
+    return not user_chose
+
+
+def _set_cpu_threads(cfg: TrainConfig) -> Optional[str]:
+    """ CPU training uses the cores this process is entitled to (its affinity mask over the processes
+    of this machine) unless the user chose a count (num_threads, OMP_NUM_THREADS, or the launcher's
+    --num_cpu_threads_per_process). Returns a line to print, or None. """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+        return None
+    if not _launcher_set_threads():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    local = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+    threads = max(cores // local, 1)
+    torch.set_num_threads(threads)
+    return (f'{threads} CPU thread(s) per process (accelerate launch set OMP_NUM_THREADS=1; choose with '
+            f'--num_threads N)')
+
+
+# what may change when a run is resumed; everything else must match the run's run_config.json
+RESUME_MAY_CHANGE = frozenset((
+    'epochs', 'max_steps', 'log_with', 'project', 'run_name', 'log_interval', 'log_model', 'keep_checkpoints',
+    'resume', 'eval_batch_size', 'num_threads', 'compile', 'compile_mode', 'data_dir', 'output_dir',
+    'num_processes', 'params', 'loader', 'mixed_precision', 'channels_last', 'sync_bn'))
+
+
+def _check_same_run(saved_file: Path, run_config: Dict[str, Any]) -> None:
+    """ Refuse to resume a run with settings that change what it trains (model, data, optimisation). """
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    diffs = [f'{k}: {saved.get(k)!r} in the run, {v!r} now' for k, v in run_config.items()
+             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    if diffs:
+        raise UserError(f'cannot resume {saved_file.parent}: its settings differ ({"; ".join(diffs)}). Resume with '
+                        f'the run\'s own settings (see {saved_file}) or start a new output_dir; these may change on '
+                        f'resume: {", ".join(sorted(RESUME_MAY_CHANGE - {"params", "num_processes", "resume"}))}')
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """ One run; its output folder is locked against a second run for its duration (see `RunLock`). """
+    lock = RunLock(cfg.resolved_output_dir())
+    try:
+        return _train(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import TorchDynamoPlugin, set_seed
     from tqdm.auto import tqdm
@@ -120,7 +231,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     ckpt_dir = out / 'checkpoints'
     cuda = torch.cuda.is_available()
     mixed_precision = ('bf16' if cuda else 'no') if cfg.mixed_precision == 'auto' else cfg.mixed_precision
-    trackers = _trackers(cfg)
+    _check_device_settings(cfg, cuda, int(os.environ.get('WORLD_SIZE', '1')), mixed_precision)
+    threads_note = _set_cpu_threads(cfg) if not cuda else None
+    trackers, wandb_mode, wandb_note = _trackers(cfg, out)
     # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA: Accelerate only
     # sets up gloo processes (MULTI_CPU) when asked for the CPU, else every process runs alone
     multi_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not cuda
@@ -140,21 +253,31 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     loader = cfg.loader if cfg.loader != 'auto' else ('gpu' if device.type == 'cuda' else 'dataloader')
     channels_last = device.type == 'cuda' if cfg.channels_last is None else cfg.channels_last
 
-    # protect an existing run: continuing it must be asked for
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(ckpt_dir) if cfg.resume == 'auto' else Path(cfg.resume)
-        if resume_from is not None and not resume_from.is_dir():
-            raise UserError(f'resume checkpoint {cfg.resume} does not exist')
-        if resume_from is None:
-            accelerator.print(f'no complete checkpoint in {ckpt_dir}; starting from scratch')
-    elif complete_checkpoints(ckpt_dir) or (out / 'summary.json').exists():
-        raise UserError(f'{out} already holds a run (checkpoints or summary.json); pass --resume to continue '
-                        f'it, or choose another output_dir')
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    # protect an existing run: one run per folder at a time (the lock is taken before anything is
+    # written), continuing it must be asked for, and only a verified checkpoint is resumed from
+    def claim_output_dir() -> Optional[str]:
+        lock.acquire()
+        chosen = None
+        if cfg.resume == 'auto':
+            chosen = choose_checkpoint(ckpt_dir)  # the newest good one; broken ones are set aside
+            if chosen is None:
+                accelerator.print(f'no complete checkpoint in {ckpt_dir}; starting from scratch')
+        elif cfg.resume:
+            chosen = Path(cfg.resume)
+            if not chosen.is_dir():
+                raise UserError(f'resume checkpoint {cfg.resume} does not exist')
+            problem = checkpoint_problem(chosen)
+            if problem is not None:
+                raise UserError(f'resume checkpoint {chosen} is broken: {problem}; resume with --resume (the newest '
+                                f'good checkpoint) or name another one')
+        elif complete_checkpoints(ckpt_dir) or (out / 'summary.json').exists():
+            raise UserError(f'{out} already holds a run (checkpoints or summary.json); pass --resume to continue '
+                            f'it, or choose another output_dir')
         remove_partial(ckpt_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        return None if chosen is None else str(chosen)
+
+    resume_from = run_on_main(accelerator, claim_output_dir)  # the other processes wait for the verdict
+    resume_from = None if resume_from is None else Path(resume_from)
 
     set_seed(cfg.seed)  # the same initial weights on every process
     train_split, test_split, num_classes, _ = load_image_splits(
@@ -203,7 +326,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     state = dict(epoch=0, global_step=0, best_test_top1_error=None, train_time_s=0.0, train_images=0,
                  wall_time_s=0.0)
+    run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
+                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
     if resume_from is not None:
+        _check_same_run(out / 'run_config.json', run_config)
         accelerator.load_state(str(resume_from))
         state.update(read_trainer_state(resume_from))
         accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"]}, step {state["global_step"]})')
@@ -213,31 +339,34 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         metrics_file.write_text(''.join(
             line + '\n' for line in lines if json.loads(line)['epoch'] <= state['epoch']))
 
-    run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
-                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
     # trackers take scalars only (TensorBoard's hparams): lists, mappings and None as JSON text
     tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
                       for k, v in run_config.items()}
-    accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
-        'wandb': {'name': cfg.run_name or str(out).removeprefix('runs/'), 'dir': str(out)}})
+    try:
+        accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
+            'wandb': {'name': cfg.run_name or str(out).removeprefix('runs/'), 'dir': str(out),
+                      **({'mode': wandb_mode} if wandb_mode else {})}})
+    except Exception as e:  # W&B: no network, a rejected key, a server error; nothing trained or lost yet
+        raise UserError(f'{", ".join(trackers)} could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                        f'log offline with WANDB_MODE=offline (upload later with `wandb sync`), or use --log_with '
+                        f'tensorboard or none. The run folder is untouched') from None
+    if 'wandb' in trackers and accelerator.is_main_process:
+        # the end-of-run summary shows the run's results, not one line per BN statistic
+        accelerator.get_tracker('wandb', unwrap=True).define_metric('bn/*', summary='none')
+    for note in (threads_note, wandb_note):
+        if note:
+            accelerator.print(note)
     if accelerator.is_main_process:
         (out / 'run_config.json').write_text(json.dumps(run_config, indent=2))
         precision = 'fp32' if mixed_precision == 'no' else mixed_precision
-        accelerator.print(f'{cfg.model}: {n_params:,} params, {epochs} epochs of {steps_per_epoch} steps '
+        accelerator.print(f'{cfg.model} {json.dumps(cfg.model_kwargs)}: {n_params:,} params, {epochs} epochs of {steps_per_epoch} steps '
                           f'(batch {global_batch} over {world} process{"es" * (world > 1)}), loader {loader}, '
                           f'{precision}, {len(train_split)}/{len(test_split)} train/test examples')
 
     def evaluate():
-        model.eval()
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        counted = 0
-        with torch.no_grad():
-            for images, labels in eval_loader:
-                logits = model(normalize(images, mean, std, channels_last))
-                preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), labels))
-                correct += (preds == labels).sum()
-                counted += labels.numel()
-        return correct.item() / max(counted, 1), counted
+        from ..eval import evaluate as evaluate_model  # the one evaluation, shared with `python -m timm_rc.eval`
+        return evaluate_model(model, eval_loader, mean=mean, std=std, channels_last=channels_last,
+                              num_classes=num_classes, accelerator=accelerator)
 
     summary: Dict[str, Any] = {}
     start_time = time.time() - state['wall_time_s']
@@ -299,8 +428,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         bar.close()
         if not math.isfinite(train_loss):
             raise Diverged(f'the training loss became {train_loss} in epoch {epoch + 1}')
-        test_acc, counted = evaluate()
-        test_err = 100.0 * (1.0 - test_acc)
+        test = evaluate()
+        test_acc, test_err, counted = test.top1_acc, test.top1_error, test.examples
         full_epoch = steps == steps_per_epoch
         images = seen * world
         state['train_time_s'] += epoch_time
@@ -314,13 +443,20 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         bn = per_step_bn(accelerator.unwrap_model(model, keep_torch_compile=False))
         metrics = {
             'train/loss': train_loss, 'train/acc': train_acc, 'test/top1_err': test_err, 'test/top1_acc': test_acc,
+            'test/loss': test.loss, **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
             'lr': scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': epoch_time,
             'images_per_sec': images / epoch_time, **bn_scalars(bn),
         }
-        accelerator.log(metrics, step=epoch + 1)
+        try:
+            accelerator.log(metrics, step=epoch + 1)
+        except Exception as e:  # a tracker failing mid-run must not cost the run its checkpoints
+            accelerator.print(f'warning: logging epoch {epoch + 1} to {", ".join(trackers)} failed '
+                              f'({type(e).__name__}: {e}); training goes on, metrics.jsonl has every epoch')
         if accelerator.is_main_process:
-            save_bn_stats(bn, out / 'bn_stats' / f'epoch_{epoch + 1:04d}.safetensors')
-            with open(out / 'metrics.jsonl', 'a') as f:
+            bn_file = out / 'bn_stats' / f'epoch_{epoch + 1:04d}.safetensors'
+            with writing('BN statistics', bn_file, ckpt_dir):
+                save_bn_stats(bn, bn_file)
+            with writing('metrics', metrics_file, ckpt_dir), open(metrics_file, 'a') as f:
                 f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith('bn/')}) + '\n')
         accelerator.print(f'epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {100 * train_acc:.2f}% | '
                           f'test top-1 error {test_err:.2f}% | {images / epoch_time:.0f} img/s')
@@ -332,11 +468,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             images_per_sec=state['train_images'] / max(state['train_time_s'], 1e-9),
             wall_time_s=state['wall_time_s'], seed=cfg.seed, num_processes=world, global_batch_size=global_batch,
             loader=loader, mixed_precision=mixed_precision, device=str(device),
+            num_threads=torch.get_num_threads() if device.type == 'cpu' else None,
             device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
             versions=_library_versions(),
         )
         if accelerator.is_main_process:
-            (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+            with writing('the summary', out / 'summary.json', ckpt_dir):
+                (out / 'summary.json').write_text(json.dumps(summary, indent=2))
         if full_epoch:
             save_checkpoint(accelerator, ckpt_dir, epoch + 1, state, cfg.keep_checkpoints)
 
@@ -344,21 +482,81 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if accelerator.is_main_process:
         from timm.models import save_for_hf
         final = accelerator.unwrap_model(model, keep_torch_compile=False).to(memory_format=torch.contiguous_format)
-        save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs), safe_serialization=True)
+        with writing('the final model', out / 'model.safetensors', ckpt_dir):
+            save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs), safe_serialization=True)
         accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
+    if cfg.log_model and 'wandb' in trackers and accelerator.is_main_process:
+        _log_model_artifact(accelerator.get_tracker('wandb', unwrap=True), out, summary)
     accelerator.end_training()
     return summary
 
 
+def _log_model_artifact(run, out: Path, summary: Dict[str, Any]) -> None:
+    """ The trained model (model.safetensors + timm's config.json) as a W&B model artifact. """
+    import re
+    import wandb
+    name = re.sub(r'[^\w.-]+', '-', str(run.name or out.name)).strip('-') + '-model'
+    artifact = wandb.Artifact(name, type='model', metadata={k: v for k, v in summary.items() if k != 'versions'})
+    for file in ('model.safetensors', 'config.json'):
+        artifact.add_file(str(out / file))
+    run.log_artifact(artifact, aliases=['latest', f'epoch{summary.get("epochs_completed", 0)}'])
+
+
+def _is_main_process() -> bool:
+    """ Rank 0, read from the launcher's environment: true before any process group exists. """
+    return int(os.environ.get('RANK', '0')) == 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """ Console entry point: `timm-rc-train` / `python train.py` / `accelerate launch train.py`. """
+    """ Console entry point: `timm-rc-train` / `python train.py` / `accelerate launch train.py`.
+
+    User errors print one line (from the main process only) and exit with code 2; a diverged run exits
+    with 3; Ctrl-C says where the newest complete checkpoint is and exits with 130.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(config_help())
+        return
+    cfg = None
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
         train(cfg)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        if _is_main_process():
+            print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2)
     except Diverged as e:
-        print(f'error: training diverged: {e}. Stopped before saving this epoch; the newest complete '
-              f'checkpoint is untouched (resume with --resume, e.g. with a lower lr).', file=sys.stderr)
+        if _is_main_process():
+            print(f'error: training diverged: {e}. Stopped before saving this epoch; the newest complete '
+                  f'checkpoint is untouched (resume with --resume, e.g. with a lower lr).', file=sys.stderr)
         raise SystemExit(3)
+    except KeyboardInterrupt:
+        if _is_main_process():
+            print(f'\ninterrupted. {_resume_hint(cfg, argv)}', file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _resume_hint(cfg: Optional[TrainConfig], argv: Sequence[str]) -> str:
+    if cfg is None:
+        return 'Nothing was started.'
+    try:
+        out = cfg.resolved_output_dir()
+    except UserError:
+        return 'Nothing was started.'
+    newest = latest_checkpoint(out / 'checkpoints')
+    if newest is None:
+        return f'No epoch was completed, so {out} holds no checkpoint to resume from.'
+    import shlex
+    kept, skip = [], False
+    for i, a in enumerate(argv):  # drop an earlier --resume [value]
+        if skip:
+            skip = False
+            continue
+        if a == '--resume':
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith('--')
+            continue
+        if not a.startswith('--resume='):
+            kept.append(a)
+    args = shlex.join(kept)
+    return (f'The newest complete checkpoint is {newest}; continue with: python train.py {args} --resume '
+            f'(or the same through accelerate launch)')
