@@ -1,4 +1,6 @@
 """ The registered RC networks: exact paper parameter counts and timm's model contract. """
+import copy
+
 import pytest
 import timm
 import torch
@@ -161,3 +163,182 @@ def test_compile_fullgraph():
 def test_public_api():
     assert callable(timm_rc.unroll) and timm_rc.BN_SHARING == ('independent', 'shared', 'none')
     assert timm.is_model('rc4_cifar')
+
+
+# ---- what timm users pass to every model ----------------------------------------------------
+
+
+@pytest.mark.parametrize('block', ['preact', 'postact'])
+@pytest.mark.parametrize('bn_sharing', ['independent', 'shared', 'none'])
+def test_drop_path_rate_is_per_step_stochastic_depth(block, bn_sharing):
+    kwargs = dict(width=WIDTH, block=block, bn_sharing=bn_sharing)
+    torch.manual_seed(0)
+    plain = timm.create_model('rc4_cifar', **kwargs)
+    torch.manual_seed(0)
+    model = timm.create_model('rc4_cifar', drop_path_rate=0.1, **kwargs)
+    # timm's rule: linear from 0 at the first step of cell 1 to the rate at the last step of cell 2
+    rates = [s.drop_path.drop_prob if s.drop_path is not None else 0.0
+             for cell in (model.cell1, model.cell2) for s in cell.steps]
+    assert rates == pytest.approx([0.1 * i / 7 for i in range(8)], abs=1e-12)
+    assert model.cell1.steps[0].drop_path is None
+    # DropPath has no tensors: the same parameters, shared weights and file contents
+    assert n_params(model) == n_params(plain)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert model.cell1.aliases() == plain.cell1.aliases() and model.cell2.aliases() == plain.cell2.aliases()
+    assert model.cell1.steps[3].conv1.weight is model.cell1.steps[0].conv1.weight
+    bn_first, bn_last = model.cell1.steps[0].bn1, model.cell1.steps[3].bn1
+    assert (bn_last is bn_first) == (bn_sharing != 'independent')  # 'none': one shared nn.Identity
+    assert isinstance(bn_last, nn.Identity) == (bn_sharing == 'none')
+    x = torch.randn(4, 3, 32, 32)
+    plain.eval(), model.eval()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)  # DropPath is the identity in eval
+    plain.train(), model.train()
+    torch.manual_seed(1)
+    assert not torch.equal(model(x), plain(x))  # branches were dropped
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_drop_path_rate_zero_changes_nothing(name):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, width=WIDTH)
+    torch.manual_seed(0)
+    model = timm.create_model(name, width=WIDTH, drop_path_rate=0.0)
+    assert all(s.drop_path is None for c in (model.cell1, model.cell2) for s in c.steps)
+    assert [id(s) for s in model.cell1.steps].count(id(model.cell1.steps[0])) == \
+        [id(s) for s in ref.cell1.steps].count(id(ref.cell1.steps[0]))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.train()(x), ref.train()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(drop_block_rate=0.1), r'RCNet has no DropBlock \(drop_block_rate=0.1\); use drop_path_rate'),
+    (dict(drop_path_rate=1.0), r'drop_path_rate must be in \[0, 1\), got 1.0'),
+    (dict(global_pool=''), r"global_pool='' \(no pooling\) leaves a feature map .* pass num_classes=0"),
+])
+def test_timm_kwargs_refused_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('rc4_cifar', width=WIDTH, **kwargs)
+
+
+def test_timm_kwargs_that_work():
+    x = torch.randn(2, 1, 32, 32)
+    model = timm.create_model('rc2_cifar', width=WIDTH, in_chans=1, num_classes=5, drop_block_rate=0.0).eval()
+    assert model(x).shape == (2, 5) and model.conv1.in_channels == 1
+    assert timm.create_model('rc2_cifar', width=WIDTH, global_pool='', num_classes=0)(
+        torch.randn(2, 3, 32, 32)).shape == (2, 4 * WIDTH, 4, 4)
+    # a pool that concatenates doubles the head's input: head_hidden_size follows
+    model = timm.create_model('rc2_cifar', width=WIDTH, global_pool='catavgmax')
+    assert model.head_hidden_size == 8 * WIDTH
+    pre = model.forward_head(model.forward_features(torch.randn(2, 3, 32, 32)), pre_logits=True)
+    assert pre.shape == (2, 8 * WIDTH)
+    # layers by timm name, as timm's models take them
+    model = timm.create_model('rc2_cifar', width=WIDTH, act_layer='silu', norm_layer='batchnorm2d')
+    assert isinstance(model.act1, nn.SiLU) and isinstance(model.cell1.steps[0].act2, nn.SiLU)
+
+
+@pytest.mark.parametrize('name', ['rc4_cifar', 'rc4_cifar.cifar100'])
+def test_pretrained_without_a_file_says_where_weights_come_from(name):
+    expected = (
+        f"{name} has no published weights (its pretrained cfg has no url or hf_hub_id). Load a weights "
+        f"file with timm.create_model('{name}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='model.safetensors')), or a training run's output with "
+        f"timm.create_model('local-dir:<run folder>', pretrained=True); or pass pretrained=False.")
+    with pytest.raises(RuntimeError) as e:
+        timm.create_model(name, pretrained=True, width=WIDTH)
+    assert str(e.value) == expected
+
+
+def test_pretrained_from_a_run_folder(tmp_path):
+    from timm.models import save_for_hf
+    src = timm.create_model('rc2_cifar', width=WIDTH).eval()
+    save_for_hf(src, str(tmp_path), model_args=dict(width=WIDTH), safe_serialization=True)
+    dst = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+# ---- forward_intermediates / prune_intermediate_layers (timm's interface) --------------------
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_feature_info_has_the_stem_and_every_step(name):
+    model = timm.create_model(name, width=WIDTH)
+    k = model.steps
+    info = model.feature_info
+    assert len(info) == 1 + 2 * k
+    pool = k // 2  # the AvgPool sits before this step
+    assert [f['reduction'] for f in info] == [1] + [1 if i < pool else 2 for i in range(k)] + \
+        [4 if i < pool else 8 for i in range(k)]
+    assert [f['num_chs'] for f in info] == [WIDTH] * (1 + k) + [4 * WIDTH] * k
+    assert [f['module'] for f in info] == ['act1'] + [f'cell1.steps.{i}' for i in range(k - 1)] + ['cell1'] + \
+        [f'cell2.steps.{i}' for i in range(k - 1)] + ['cell2']
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_forward_intermediates(name):
+    """ As timm's own test of the same name, plus the per-step values. """
+    model = timm.create_model(name, width=WIDTH).eval()
+    x = torch.randn(1, 3, 32, 32)
+    output, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert len(intermediates) == len(info.channels()) >= 3
+    for c, r, o in zip(info.channels(), info.reduction(), intermediates):
+        assert o.shape == (1, c, 32 // r, 32 // r)
+    torch.testing.assert_close(output, model.forward_features(x), rtol=0, atol=0)
+    # every step's output, computed by hand
+    h = model.act1(model.bn1(model.conv1(x)))
+    expected = [h]
+    for cell in (model.cell1, model.cell2):
+        if cell is model.cell2:
+            h = model.downsample(h)
+        for pre, step in zip(cell.before_step, cell.steps):
+            h = step(pre(h))
+            expected.append(h)
+    for o, e in zip(intermediates, expected):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    # indices: an int takes the last n, a list those given (negative from the end)
+    last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [t.shape for t in last2] == [t.shape for t in intermediates[-2:]]
+    picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+    torch.testing.assert_close(picked[1], intermediates[-1], rtol=0, atol=0)
+    final, taps = model.forward_intermediates(x, indices=[1], stop_early=True)
+    torch.testing.assert_close(final, intermediates[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_forward_intermediates_features(name):
+    """ As timm's own test of the same name (features_only with the 'getter' extractor). """
+    model = timm.create_model(name, width=WIDTH, features_only=True, feature_cls='getter').eval()
+    outputs = model(torch.randn(1, 3, 32, 32))
+    assert len(outputs) == len(model.feature_info.channels()) == 3
+    for c, r, o in zip(model.feature_info.channels(), model.feature_info.reduction(), outputs):
+        assert o.shape == (1, c, 32 // r, 32 // r)
+
+
+@pytest.mark.parametrize('name', ['rc1_cifar', 'rc4_cifar', 'rc4_unshared_cifar'])
+def test_prune_intermediate_layers(name):
+    model = timm.create_model(name, width=WIDTH).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        last = len(taps) - 1
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers([last], prune_head=False) == [last]
+        torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=0)
+    for i in range(last + 1):
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers([i]) == [i]
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.forward_features(x), taps[i], rtol=0, atol=0)
+            torch.testing.assert_close(
+                pruned.forward_intermediates(x, indices=[i], intermediates_only=True)[0], taps[i], rtol=0, atol=0)
+        assert pruned.num_features == taps[i].shape[1] and pruned.num_classes == 0
+        pruned.train().forward_features(x).sum().backward()
+        assert all(p.grad is not None for p in pruned.parameters())  # what is left is used
+
+
+def test_features_only_out_indices_take_steps():
+    model = timm.create_model('rc4_cifar', width=WIDTH, features_only=True, out_indices=(1, 2, 3, 4))
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [f.shape[1:] for f in feats] == [(WIDTH, 32, 32), (WIDTH, 32, 32), (WIDTH, 16, 16), (WIDTH, 16, 16)]
+    assert model.feature_info.reduction() == [1, 1, 2, 2]

@@ -294,8 +294,131 @@ def test_torchscript():
 
 def test_block_with_downsample_is_rejected():
     down = nn.Sequential(nn.Conv2d(C, 2 * C, 1, stride=2, bias=False), nn.BatchNorm2d(2 * C))
-    with pytest.raises(ValueError, match='shape-preserving block.*downsample shortcut'):
+    with pytest.raises(ValueError) as e:
         unroll(TimmBasic(C, 2 * C, stride=2, downsample=down), 2)
+    assert str(e.value) == (
+        'unroll() needs a shape-preserving block with an identity shortcut, but this BasicBlock has a '
+        'downsample shortcut (Sequential(Conv2d, BatchNorm2d)): it was built with a stride or a change of '
+        'channels. Unroll a block built with stride 1 and as many output as input channels (its downsample '
+        'then is None or nn.Identity).')
+
+
+def test_real_downsampling_regnet_block_is_rejected():
+    from timm.models.regnet import Bottleneck as RegNetBottleneck
+    with pytest.raises(ValueError, match=r'this Bottleneck has a downsample shortcut \(ConvNormAct\(Conv2d, '):
+        unroll(RegNetBottleneck(C, 2 * C, stride=2), 2)
+    with pytest.raises(ValueError, match=r'downsample shortcut \(True\)'):
+        unroll(_FlagBlock(True), 2)
+
+
+class _FlagBlock(nn.Module):
+    """ A block whose `downsample` is a flag (as timm's CSATv2 TransformerBlock's). """
+
+    def __init__(self, downsample):
+        super().__init__()
+        self.downsample = downsample
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def _regnet_block():
+    from timm.models.regnet import Bottleneck as RegNetBottleneck
+    return RegNetBottleneck(2 * C, 2 * C, bottle_ratio=1.0, group_size=C, se_ratio=0.25)
+
+
+def _dla_tree():
+    from timm.models.dla import DlaBasic, DlaTree
+    return DlaTree(1, DlaBasic, 2 * C, 2 * C, stride=1)
+
+
+def _csat_block():
+    from timm.models.csatv2 import TransformerBlock
+    return TransformerBlock(2 * C, 2 * C, num_heads=2, attn_head_dim=C, downsample=False)
+
+
+@pytest.mark.parametrize('factory', [
+    _regnet_block,  # timm's RegNet: nn.Identity shortcut when in == out and stride 1
+    _dla_tree,  # timm's DLA tree: downsample and project are nn.Identity
+    _csat_block,  # timm's CSATv2: downsample=False, a flag
+    lambda: _FlagBlock(nn.Sequential()),
+    lambda: _FlagBlock(nn.Sequential(nn.Identity())),
+], ids=['regnet_identity', 'dla_tree_identity', 'csatv2_false', 'empty_sequential', 'sequential_of_identity'])
+def test_identity_downsample_is_not_a_downsample(factory):
+    """ A block whose `downsample` leaves the shortcut as it is unrolls, and computes what
+    fresh copies of it compute step by step. """
+    torch.manual_seed(0)
+    block = factory()
+    x = torch.randn(2, C if isinstance(block, _FlagBlock) else 2 * C, 8, 8)
+    refs = [copy.deepcopy(block) for _ in range(3)]
+    rc = unroll(block, 3).train()
+    h = x.clone()
+    for ref in refs:
+        h = ref.train()(h)
+    torch.testing.assert_close(rc(x.clone()), h)
+    assert rc(x).shape == x.shape
+
+
+# ---- drop path per step ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('mode', BN_SHARING)
+@pytest.mark.parametrize('kind', ['timm_basic', 'preact'])
+def test_drop_path_per_step(mode, kind):
+    """ Step i holds its own DropPath(rate_i) (None at rate 0) and computes what a fresh copy of
+    the block built with that DropPath computes; the weights stay shared, the parameters, the
+    state_dict and the aliases are those without drop path. """
+    from timm.layers import DropPath
+    rates = [0.0, 0.3, 0.6]
+    block, x = make_block(kind)
+    x = x.repeat(16, 1, 1, 1)  # 64 samples: a mask of every step is visible
+    refs = [copy.deepcopy(block) for _ in rates]
+    plain = unroll(copy.deepcopy(block), 3, bn_sharing=mode)
+    rc = unroll(block, 3, bn_sharing=mode, drop_path=rates).train()
+    assert [s.drop_path.drop_prob if s.drop_path is not None else 0.0 for s in rc.steps] == rates
+    assert rc.steps[2].conv1.weight is rc.steps[0].conv1.weight
+    assert n_params(rc) == n_params(plain)
+    assert rc.state_dict().keys() == plain.state_dict().keys()
+    assert rc.aliases() == plain.aliases()
+    if mode == 'none':
+        for ref in refs:
+            for name, m in list(ref.named_modules()):
+                for cname, child in list(m.named_children()):
+                    if isinstance(child, _BatchNorm):
+                        setattr(m, cname, nn.Identity())
+    masks = []
+    hooks = [s.drop_path.register_forward_hook(lambda m, i, o: masks.append((o == 0).flatten(1).all(1)))
+             for s in rc.steps if s.drop_path is not None]
+    torch.manual_seed(0)
+    out = rc(x.clone())
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(0)
+    h = x.clone()
+    for ref, rate in zip(refs, rates):
+        ref.drop_path = DropPath(rate) if rate else None
+        if mode == 'shared':  # one set of BN layers serves every step
+            for bn_ref, bn_0 in zip(bns(ref), bns(refs[0])):
+                ref._modules.update({n: bn_0 for n, m in ref.named_children() if m is bn_ref})
+        h = ref.train()(h)
+    torch.testing.assert_close(out, h, rtol=0, atol=0)
+    assert len(masks) == 2 and masks[0].any() and masks[1].any() and not torch.equal(masks[0], masks[1])
+
+
+def test_drop_path_keeps_identity_convention_and_validates():
+    from timm.layers import DropPath
+    from timm.models.convnext import ConvNeXtBlock
+    rc = unroll(ConvNeXtBlock(C, drop_path=0.1), 2, drop_path=[0.0, 0.2])  # calls drop_path unconditionally
+    assert isinstance(rc.steps[0].drop_path, nn.Identity) and isinstance(rc.steps[1].drop_path, DropPath)
+    assert rc(torch.randn(2, C, 8, 8)).shape == (2, C, 8, 8)
+    assert all(isinstance(s.drop_path, DropPath) for s in unroll(PreActBasicBlock(C), 3, drop_path=0.1).steps)
+    with pytest.raises(ValueError, match=r'drop_path must be a rate in \[0, 1\) or 3 of them \(one per step\), '
+                                         r'got \[0.1, 0.2\]'):
+        unroll(PreActBasicBlock(C), 3, drop_path=[0.1, 0.2])
+    with pytest.raises(ValueError, match="but this MLPBlock has no `drop_path` attribute"):
+        unroll(MLPBlock(), 2, drop_path=0.1)
 
 
 def test_block_that_changes_shape_fails_at_forward_with_a_clear_message():

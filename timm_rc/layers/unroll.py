@@ -21,11 +21,13 @@ Reference: Zhang & Jung, "Recurrent Convolutions: A Model Compression Point of V
 workshop on compact deep networks (extended: arXiv 1902.09809).
 """
 import copy
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from timm.layers import DropPath
 
 __all__ = ['BN_SHARING', 'Unrolled', 'unroll']
 
@@ -47,6 +49,33 @@ def _bn_free_modules(block: nn.Module) -> List[nn.Module]:
 
     visit(block)
     return [m for m in block.modules() if not has_bn[id(m)]]
+
+
+def _is_identity_shortcut(downsample) -> bool:
+    """ A `downsample` attribute that leaves the shortcut as it is: None, False (a flag, as in some
+    timm blocks), nn.Identity, or a container holding only such modules (an empty nn.Sequential). """
+    if downsample is None or downsample is False or isinstance(downsample, nn.Identity):
+        return True
+    if isinstance(downsample, (nn.Sequential, nn.ModuleList)):
+        return all(_is_identity_shortcut(m) for m in downsample)
+    return False
+
+
+def _describe(module) -> str:
+    if not isinstance(module, nn.Module):
+        return repr(module)
+    children = [type(c).__name__ for c in module.children()]
+    return type(module).__name__ + (f'({", ".join(children)})' if children else '')
+
+
+def _drop_path_rates(drop_path, steps: int) -> Optional[List[float]]:
+    if drop_path is None:
+        return None
+    rates = [drop_path] * steps if isinstance(drop_path, (int, float)) else list(drop_path)
+    if len(rates) != steps or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+        raise ValueError(f'drop_path must be a rate in [0, 1) or {steps} of them (one per step), got {drop_path!r}')
+    return [float(r) for r in rates]
 
 
 def _replace_bn(module: nn.Module) -> int:
@@ -162,6 +191,7 @@ def unroll(
         bn_sharing: str = 'independent',
         share_weights: bool = True,
         before_step: Optional[Mapping[int, nn.Module]] = None,
+        drop_path: Optional[Union[float, Sequence[float]]] = None,
 ) -> Unrolled:
     """ Turn a shape-preserving residual block into a recurrent one applied `steps` times.
 
@@ -176,6 +206,13 @@ def unroll(
             network with the same computational graph (the paper's ResNet-10/18).
         before_step: {step index: module} applied to the input of that (0-based) step, e.g.
             ``{2: nn.AvgPool2d(2)}`` pools between the 2nd and 3rd step.
+        drop_path: stochastic depth per step: one rate for all steps or a sequence of `steps` rates.
+            Step i's `drop_path` attribute (timm's convention: ``BasicBlock``, ``Bottleneck``,
+            ``PreActBasicBlock`` apply it to the residual branch) becomes its own ``DropPath(rate_i)``
+            (where the rate is 0: None if the block's was None, else nn.Identity), so each step drops
+            its branch independently. Every step is then its own shallow copy of the block, whatever
+            `bn_sharing`; DropPath holds no tensors, so the parameters and the state_dict are those
+            without it. None (the default) leaves the block's `drop_path` as it is.
 
     Every torch.nn BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses such as timm's
     BatchNormAct2d) anywhere in the block counts as a BN layer. With "none", an in-place op right
@@ -188,11 +225,19 @@ def unroll(
         raise ValueError(f'unroll() needs steps >= 1 (an int), got {steps!r}')
     if bn_sharing not in BN_SHARING:
         raise ValueError(f'unknown bn_sharing {bn_sharing!r}; valid values: {", ".join(map(repr, BN_SHARING))}')
-    if getattr(block, 'downsample', None) is not None:
+    downsample = getattr(block, 'downsample', None)
+    if not _is_identity_shortcut(downsample):
         raise ValueError(
-            f'unroll() needs a shape-preserving block, but this {type(block).__name__} has a downsample '
-            f'shortcut ({type(block.downsample).__name__}), so it changes its input\'s shape. '
-            f'Unroll a block built without stride or downsample.')
+            f'unroll() needs a shape-preserving block with an identity shortcut, but this '
+            f'{type(block).__name__} has a downsample shortcut ({_describe(downsample)}): it was built with '
+            f'a stride or a change of channels. Unroll a block built with stride 1 and as many output as '
+            f'input channels (its downsample then is None or nn.Identity).')
+    rates = _drop_path_rates(drop_path, steps)
+    if rates is not None and not hasattr(block, 'drop_path'):
+        raise ValueError(
+            f'unroll(drop_path=...) sets each step\'s `drop_path` module, but this {type(block).__name__} '
+            f'has no `drop_path` attribute; build the block with one (timm\'s blocks and '
+            f'timm_rc.PreActBasicBlock take drop_path=) or leave drop_path=None.')
     before_step = dict(before_step or {})
     bad = [k for k in before_step if not isinstance(k, int) or not 0 <= k < steps]
     if bad:
@@ -202,14 +247,15 @@ def unroll(
         _replace_bn(block)
     has_bn = any(_is_bn(m) for m in block.modules())
 
-    if share_weights and (bn_sharing != 'independent' or not has_bn):
+    if share_weights and (bn_sharing != 'independent' or not has_bn) and rates is None:
         step_modules = [block] * steps  # one module applied `steps` times
     else:
         # deepcopy with a memo that maps the shared objects to themselves: those are referenced,
-        # everything else (the BN layers, and the containers above them) is copied
+        # everything else (the BN layers, and the containers above them) is copied; the block
+        # itself is always copied, so that every step can hold its own drop_path
         shared = []
         if share_weights:
-            shared += _bn_free_modules(block)
+            shared += [m for m in _bn_free_modules(block) if m is not block]
             # tensors held directly by containers that also hold BN (e.g. a layer-scale gamma)
             shared += [t for m in block.modules() if not _is_bn(m) for t in m._parameters.values()]
             shared += [t for m in block.modules() if not _is_bn(m) for t in m._buffers.values()]
@@ -222,6 +268,12 @@ def unroll(
             if not share_weights:
                 _reset_parameters(step)
             step_modules.append(step)
+        if rates is not None:
+            # rate 0: what the block had without drop path (None in timm's ResNet blocks, which test
+            # for None; nn.Identity in blocks that call drop_path unconditionally, e.g. ConvNeXt's)
+            off = None if block.drop_path is None else nn.Identity
+            for step, rate in zip(step_modules, rates):
+                step.drop_path = DropPath(rate) if rate > 0 else (off() if off else None)
 
     before = [before_step.get(i, nn.Identity()) for i in range(steps)]
     return Unrolled(step_modules, before, bn_sharing=bn_sharing, share_weights=share_weights)

@@ -16,17 +16,25 @@ to the plain network of the same depth. RC-k (Appendix A):
 
 The paper's "ResNet-10" / "ResNet-18" are the RC-2 / RC-4 graphs without weight sharing.
 Every variant here is a config of the one `RCNet` class; both cells are built by `timm_rc.unroll`.
+
+Feature indices (`feature_info`, `forward_intermediates`, `features_only=True` with `out_indices`):
+0 is the stem's output, 1..k the output of each unrolled step of cell 1, k+1..2k those of cell 2,
+so every step's features can be taken. `features_only=True` returns (0, k, 2k) by default: the stem
+and the output of each cell.
 """
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._pretrained import PretrainedCfg
+from timm.models._registry import get_pretrained_cfg
 from timm.models.resnet import BasicBlock
 
-from ..layers import BN_SHARING, InvertibleDownsample, unroll
+from ..layers import BN_SHARING, InvertibleDownsample, Unrolled, unroll
 
 __all__ = ['RCNet', 'PreActBasicBlock']
 
@@ -40,7 +48,8 @@ BLOCK_STYLES = ('preact', 'postact')
 
 class PreActBasicBlock(nn.Module):
     """ Pre-activation basic block (He et al., "Identity Mappings in Deep Residual Networks", 2016):
-    x + conv(act(bn(conv(act(bn(x)))))), bias-free 3x3 convolutions, shape-preserving.
+    x + drop_path(conv(act(bn(conv(act(bn(x))))))), bias-free 3x3 convolutions, shape-preserving.
+    `drop_path` is an optional DropPath module on the residual branch, as in timm's BasicBlock.
     """
 
     def __init__(
@@ -48,6 +57,7 @@ class PreActBasicBlock(nn.Module):
             channels: int,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            drop_path: Optional[nn.Module] = None,
             device=None,
             dtype=None,
     ):
@@ -61,11 +71,14 @@ class PreActBasicBlock(nn.Module):
         self.bn2 = norm_layer(channels, **dd)
         self.act2 = act_layer(inplace=True)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False, **dd)
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.conv1(self.act1(self.bn1(x)))
         x = self.conv2(self.act2(self.bn2(x)))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
         return x + shortcut
 
 
@@ -90,8 +103,10 @@ class RCNet(nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            drop_path_rate: float = 0.,
+            drop_block_rate: float = 0.,
+            act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+            norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             device=None,
             dtype=None,
     ):
@@ -106,8 +121,11 @@ class RCNet(nn.Module):
             in_chans: input channels.
             global_pool: timm global pool type ('' for none).
             drop_rate: dropout before the classifier.
-            act_layer: activation class.
-            norm_layer: norm class of the stem and the blocks.
+            drop_path_rate: stochastic depth: each unrolled step drops its residual branch with a rate
+                growing linearly over the 2k steps of both cells, from 0 to drop_path_rate (timm's rule).
+            drop_block_rate: only 0 (DropBlock is not implemented; accepted because timm passes it).
+            act_layer: activation class or timm name ('relu', 'silu', ...).
+            norm_layer: norm class of the stem and the blocks, or timm name ('batchnorm2d', ...).
         """
         super().__init__()
         if block not in BLOCK_STYLES:
@@ -118,10 +136,23 @@ class RCNet(nn.Module):
             raise ValueError(f'steps must be an int >= 1, got {steps!r}')
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f'width must be an int >= 1, got {width!r}')
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+        if drop_block_rate:
+            raise ValueError(
+                f'RCNet has no DropBlock (drop_block_rate={drop_block_rate!r}); use drop_path_rate '
+                f'(stochastic depth per unrolled step) or drop_rate (dropout before the classifier)')
+        if not global_pool and num_classes:
+            raise ValueError(
+                f"global_pool='' (no pooling) leaves a feature map that the classifier cannot take; "
+                f"pass num_classes=0 with it, or a pool type ('avg', 'max', 'avgmax', 'catavgmax')")
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        self.drop_path_rate = drop_path_rate
         self.steps = steps
         self.bn_sharing = bn_sharing
         self.share_weights = share_weights
@@ -130,25 +161,34 @@ class RCNet(nn.Module):
         self.bn1 = norm_layer(width, **dd)
         self.act1 = act_layer(inplace=True)
 
-        def cell(channels):
+        # timm's stochastic depth rule: rate i / (n - 1) * drop_path_rate over all n = 2k steps
+        dpr = [drop_path_rate * i / (2 * steps - 1) for i in range(2 * steps)]
+
+        def cell(channels, rates):
             return unroll(
                 _make_block(block, channels, act_layer, norm_layer, dd),
                 steps,
                 bn_sharing=bn_sharing,
                 share_weights=share_weights,
                 before_step={steps // 2: nn.AvgPool2d(2)},
+                drop_path=rates if drop_path_rate > 0 else None,
             )
 
-        self.cell1 = cell(width)
+        self.cell1 = cell(width, dpr[:steps])
         self.downsample = InvertibleDownsample(2)
-        self.cell2 = cell(4 * width)
-        self.num_features = self.head_hidden_size = 4 * width
-        self.feature_info = [
-            dict(num_chs=width, reduction=1, module='act1'),
-            dict(num_chs=width, reduction=2, module='cell1'),
-            dict(num_chs=4 * width, reduction=8, module='cell2'),
-        ]
+        self.cell2 = cell(4 * width, dpr[steps:])
+        self.num_features = 4 * width
+        # one entry per feature index: the stem, then every step of cell 1 and of cell 2 (the
+        # AvgPool before step k // 2 halves the resolution inside each cell); a cell's last step is
+        # the cell's output, named by the cell, so that the hook and list extractors find it too
+        self.feature_info = [dict(num_chs=width, reduction=1, module='act1')]
+        for name, chs, reduction in (('cell1', width, 1), ('cell2', 4 * width, 4)):
+            self.feature_info += [
+                dict(num_chs=chs, reduction=reduction * (2 if i >= steps // 2 else 1),
+                     module=name if i == steps - 1 else f'{name}.steps.{i}')
+                for i in range(steps)]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -169,6 +209,73 @@ class RCNet(nn.Module):
         self.fc.train(self.training)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Features and the intermediate features of every unrolled step (timm's interface).
+
+        Args:
+            x: input images.
+            indices: feature indices (0: stem, 1..k: the steps of cell 1, k+1..2k: those of cell 2);
+                an int n takes the last n, None takes all.
+            norm: ignored (RCNet has no final norm layer).
+            stop_early: stop after the last feature index taken.
+            output_fmt: 'NCHW' only.
+            intermediates_only: return the intermediates alone.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        feat_idx = 0
+        for name in ('cell1', 'cell2'):
+            if stop_early and feat_idx >= max_index:
+                break
+            cell = getattr(self, name)
+            if name == 'cell2':
+                x = self.downsample(x)
+            if isinstance(cell, Unrolled):
+                for pre, step in zip(cell.before_step, cell.steps):
+                    if stop_early and feat_idx >= max_index:
+                        break
+                    x = step(pre(x))
+                    feat_idx += 1
+                    if feat_idx in take_indices:
+                        intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Drop the steps (and cells) after the last feature index in `indices`; returns the indices. """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        steps = self.steps
+        if max_index <= steps:  # nothing of cell 2 is needed
+            self.downsample = nn.Identity()
+            self.cell2 = nn.Identity()
+            _keep_steps(self, 'cell1', max_index)
+        else:
+            _keep_steps(self, 'cell2', max_index - steps)
+        if max_index < 2 * steps:
+            # the features now end at the last kept step; the head was sized for the last one
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < 2 * steps:
+            self.reset_classifier(0, '')
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.cell1(x)
@@ -186,9 +293,42 @@ class RCNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _keep_steps(model: RCNet, name: str, n: int) -> None:
+    """ Keep the first n steps of cell `name` (none: the cell becomes an nn.Identity). """
+    cell = getattr(model, name)
+    if not isinstance(cell, Unrolled):
+        return
+    if n == 0:
+        setattr(model, name, nn.Identity())
+    else:
+        cell.steps = nn.ModuleList(list(cell.steps)[:n])
+        cell.before_step = nn.ModuleList(list(cell.before_step)[:n])
+
+
+def _check_pretrained_source(variant: str, kwargs: Dict[str, Any]) -> None:
+    """ The registered cfgs hold no weights (url '' and no hf_hub_id): say where weights can come from. """
+    cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
+    name = variant
+    if isinstance(cfg, str):  # a tag: 'rc4_cifar.cifar100'
+        name = f'{variant}.{cfg}'
+        cfg = get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if isinstance(cfg, PretrainedCfg) else dict(cfg or {})
+    cfg.update(kwargs.get('pretrained_cfg_overlay') or {})
+    if not any(cfg.get(k) for k in ('state_dict', 'file', 'url', 'hf_hub_id')):
+        raise RuntimeError(
+            f'{name} has no published weights (its pretrained cfg has no url or hf_hub_id). Load a '
+            f"weights file with timm.create_model('{name}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='model.safetensors')), or a training run's output with "
+            f"timm.create_model('local-dir:<run folder>', pretrained=True); or pass pretrained=False.")
+
+
 def _create_rcnet(variant: str, pretrained: bool = False, **kwargs) -> RCNet:
-    return build_model_with_cfg(
-        RCNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
+    if pretrained:
+        _check_pretrained_source(variant, kwargs)
+    steps = kwargs.get('steps', 4)
+    # the default features: the stem and the output of each cell, i.e. indices 0, k and 2k
+    feature_cfg = dict(feature_cls='getter', out_indices=(0, steps, 2 * steps))
+    return build_model_with_cfg(RCNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
