@@ -145,10 +145,10 @@ def test_results_table_puts_the_paper_beside_the_mean_over_seeds(tmp_path):
         d = tmp_path / f'seed{seed}'
         d.mkdir()
         (d / 'summary.json').write_text(json.dumps(dict(
-            model='rc4_cifar', model_kwargs={'bn_sharing': 'shared'}, dataset='cifar10', data_dir=None,
+            model='rc4_cifar', model_kwargs={'bn_sharing': 'shared'}, dataset='cifar10', data_dir=None, seed=seed,
             test_top1_error=err, epochs_completed=160, epochs=160, params=1_259_082)))
     text = table(collect([tmp_path]), markdown=True)
-    assert '| RC-4, shared BN |  | cifar10 | 3 | 160/160 | 1,259,082 | 9.00 ± 1.00 | 21.00 |' in text
+    assert '| RC-4, shared BN |  | cifar10 |  | 3 | 0,1,2 | 160/160 | 1,259,082 | 9.00 ± 1.00 | 21.00 |' in text
 
 
 def test_shared_cifar10_slice_with_the_gpu_resident_loader(tmp_path):

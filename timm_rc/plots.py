@@ -6,16 +6,18 @@
 `bn`: for each RC cell, the first and second BN layer of every unrolling step: running mean, running
 variance, gamma and beta across channels, one curve per step (read from `bn_stats/epoch_N.safetensors`,
 the last epoch by default). `curves`: training loss and test error against epochs (from
-`metrics.jsonl`), one line per run.
+`metrics.jsonl`), one line per run. Every figure's title names the model (with its kwargs) and the run
+folder; epochs and channels get integer ticks. `bn_figures` and `curves_figure` return the matplotlib
+figures, `plot_bn` and `plot_curves` write them as PNG files.
 """
 import argparse
 import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['plot_bn', 'plot_curves']
+__all__ = ['bn_figures', 'curves_figure', 'plot_bn', 'plot_curves', 'run_label']
 
 STAT_TITLES = {'running_mean': 'running mean', 'running_var': 'running variance', 'weight': 'gamma',
                'bias': 'beta'}
@@ -28,9 +30,31 @@ def _pyplot():
     return plt
 
 
-def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = None) -> List[Path]:
-    """ One PNG per (cell, BN layer): 4 panels (mean, var, gamma, beta), one curve per step. """
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def run_label(run_dir: Path) -> str:
+    """ 'model {kwargs} (run folder)', from the run's summary.json or run_config.json. """
+    for name in ('summary.json', 'run_config.json'):
+        f = Path(run_dir) / name
+        if f.is_file():
+            try:
+                s = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            kwargs = s.get('model_kwargs') or {}
+            model = s['model'] + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '')
+            return f'{model} ({run_dir})'
+    return str(run_dir)
+
+
+def bn_figures(run_dir: Path, epoch: Optional[int] = None) -> Dict[Tuple[str, str], 'matplotlib.figure.Figure']:
+    """ {(cell, BN layer): Figure with 4 panels (running mean, running variance, gamma, beta) across
+    channels, one curve per step}, from bn_stats/epoch_N.safetensors (the last epoch by default). """
     from safetensors.torch import load_file
+    run_dir = Path(run_dir)
     files = sorted((run_dir / 'bn_stats').glob('epoch_*.safetensors'))
     if not files:
         raise SystemExit(f'error: {run_dir} has no bn_stats/epoch_*.safetensors (is it a timm_rc run of an RC model?)')
@@ -45,9 +69,9 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
         if m:
             grouped[(m[1], m[3])][m[4]][int(m[2])] = t.numpy()
     plt = _pyplot()
-    out = out or run_dir / 'plots'
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    label = run_label(run_dir)
+    epoch_shown = int(path.stem.split('_')[-1])
+    figures = {}
     for (cell, bn), per_stat in sorted(grouped.items()):
         fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
         for ax, stat in zip(axes, STAT_TITLES):
@@ -55,9 +79,23 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
                 ax.plot(values, label=f'step {step + 1}', linewidth=1)
             ax.set_title(STAT_TITLES[stat])
             ax.set_xlabel('channel')
+            ax.set_ylabel(STAT_TITLES[stat])
+            _integer_ticks(ax.xaxis)
         axes[0].legend()
-        fig.suptitle(f'{cell}.{bn} per unrolling step ({run_dir.name}, {path.stem.replace("_", " ")})')
+        fig.suptitle(f'{label}: {cell}.{bn} per unrolling step, epoch {epoch_shown}')
         fig.tight_layout()
+        figures[(cell, bn)] = fig
+    return figures
+
+
+def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = None) -> List[Path]:
+    """ One PNG per (cell, BN layer) in `out` (default RUN_DIR/plots); see `bn_figures`. """
+    plt = _pyplot()
+    figures = bn_figures(run_dir, epoch)
+    out = Path(out or Path(run_dir) / 'plots')
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (cell, bn), fig in figures.items():
         target = out / f'bn_{cell}_{bn}.png'
         fig.savefig(target, dpi=110)
         plt.close(fig)
@@ -65,27 +103,37 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
     return written
 
 
-def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
+def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
     """ Figure 2: training loss and test top-1 error against epochs, one line per run. """
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4))
-    for run in run_dirs:
+    labels = []
+    for run in map(Path, run_dirs):
         f = run / 'metrics.jsonl'
         if not f.is_file():
+            plt.close(fig)
             raise SystemExit(f'error: {f} does not exist')
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        summary = run / 'summary.json'
-        label = run.name
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            label = s['model'] + (f" {s['model_kwargs']}" if s.get('model_kwargs') else '') + f' ({run.name})'
+        label = run_label(run)
+        labels.append(label)
         epochs = [r['epoch'] for r in rows]
         ax_loss.plot(epochs, [r['train/loss'] for r in rows], label=label)
         ax_err.plot(epochs, [r['test/top1_err'] for r in rows], label=label)
-    ax_loss.set(xlabel='epoch', ylabel='training loss', yscale='log')
-    ax_err.set(xlabel='epoch', ylabel='test top-1 error (%)')
+    ax_loss.set(xlabel='epoch', ylabel='training loss', yscale='log', title='training loss')
+    ax_err.set(xlabel='epoch', ylabel='test error (%)', title='test error')
+    for ax in (ax_loss, ax_err):
+        _integer_ticks(ax.xaxis)
     ax_err.legend(fontsize=8)
+    fig.suptitle('; '.join(labels), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
+    """ Figure 2 as a PNG at `out`; see `curves_figure`. """
+    plt = _pyplot()
+    fig = curves_figure(run_dirs)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -2,19 +2,33 @@
 
     python -m timm_rc.results runs/ [--markdown]
 
-Reads every `summary.json` below the given folders, groups the runs by (model, BN sharing, dataset),
-and prints the mean and standard deviation of the final test top-1 error over seeds next to the
-paper's number (mean of 3 runs on the lossless CIFAR; ours on whatever data the runs used).
+Reads every `summary.json` (and the `run_config.json` beside it) below the given folders and pools
+only runs whose configurations differ in the seed alone: model, model kwargs, dataset, epochs
+(planned and completed), training and test examples, batch size and every optimisation and precision
+setting of `run_config.json` (lr, milestones, clipping, warm-up, label smoothing, max_steps, mixed
+precision, loader, compile, ...). What differs from the paper's protocol, or between rows that are
+otherwise equal, is listed in the `setting` column (e.g. `epochs 15, lr_milestones 8,12, clip none`).
+Each row gives the mean and standard deviation of the final test top-1 error over distinct seeds
+next to the paper's number (mean of 3 runs on the lossless CIFAR; ours on whatever data the runs
+used). A seed run more than once in one row counts once, with its newest run (by the time
+`summary.json` was last written); the row shows it as `0,0!` and a warning on stderr names the runs.
+A summary without a seed shows as `?` and counts as a run of its own.
+
+Not compared: seed, output_dir, run_name, resume, log_with, log_model, log_interval,
+keep_checkpoints, project, eval_batch_size, num_threads, and how data_dir is spelled (only its last
+component, the dataset's name, counts). A run_config.json key that some runs lack (written by an
+older trainer) is not compared.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['PAPER', 'collect', 'paper_row', 'table']
+__all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table']
 
 # (model, bn_sharing) -> {dataset: test error %}; paper-notes.md, Tables 1 and 2
 PAPER: Dict[Tuple[str, str], Dict[str, float]] = {
@@ -32,6 +46,23 @@ PAPER_NAMES = {
     ('rc2_cifar', 'independent'): 'RC-2', ('rc2_unshared_cifar', 'independent'): 'ResNet-10',
     ('rc4_unshared_cifar', 'independent'): 'ResNet-18',
 }
+# the paper's protocol (Appendix B); epochs depend on the depth, see PAPER_EPOCHS
+PROTOCOL: Dict[str, Any] = dict(
+    global_batch_size=128, lr=0.1, lr_milestones=[60, 90], lr_gamma=0.1, momentum=0.9, weight_decay=1e-4,
+    warmup_epochs=0, clip_grad_value=0.1, label_smoothing=0.0, max_steps=None)
+PAPER_EPOCHS = {'rc1_cifar': 120, 'rc2_cifar': 120, 'rc2_unshared_cifar': 120, 'rc4_cifar': 160,
+                'rc4_unshared_cifar': 160}
+CIFAR_EXAMPLES = dict(train_examples=50_000, eval_examples=10_000)
+# run_config.json keys that do not change what is trained and measured (or are columns already)
+IGNORED = {'seed', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
+           'project', 'eval_batch_size', 'num_threads', 'data_dir', 'dataset', 'model', 'model_kwargs', 'params',
+           # their effect is in the summary's train_examples / eval_examples / global_batch_size
+           'max_train_samples', 'max_eval_samples', 'batch_size'}
+SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
+SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch'}
+ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
+         'momentum', 'weight_decay', 'warmup_epochs', 'clip_grad_value', 'label_smoothing', 'max_steps',
+         'mixed_precision']
 
 
 def paper_row(model: str, model_kwargs: dict) -> Tuple[str, str]:
@@ -43,32 +74,152 @@ def paper_row(model: str, model_kwargs: dict) -> Tuple[str, str]:
 
 
 def collect(roots: Sequence[Path]) -> List[dict]:
+    """ One dict per run: its summary.json, `path` (the run folder) and `run_config` (its
+    run_config.json, None where there is none). """
     runs = []
     for root in roots:
         for path in sorted(Path(root).rglob('summary.json')):
             try:
-                runs.append(dict(json.loads(path.read_text()), path=str(path.parent)))
+                run = dict(json.loads(path.read_text()), path=str(path.parent))
             except (OSError, json.JSONDecodeError):
                 print(f'skipping unreadable {path}', file=sys.stderr)
+                continue
+            run['run_config'] = _read_run_config(path.parent)
+            runs.append(run)
     return runs
 
 
+def _read_run_config(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(folder) / 'run_config.json').read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _run_config(run: dict) -> Optional[dict]:
+    if 'run_config' in run:
+        return run['run_config']
+    return _read_run_config(Path(run['path'])) if run.get('path') else None
+
+
+def _rc_models() -> set:
+    import timm
+    from . import models  # noqa: F401, registers the RC models
+    return set(timm.list_models(module='rc_cifar'))
+
+
+def _mtime(run: dict) -> float:
+    try:
+        return os.stat(Path(run['path']) / 'summary.json').st_mtime
+    except (KeyError, TypeError, OSError):
+        return float('-inf')
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return 'none'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f'{value:g}'
+    if isinstance(value, (list, tuple)):
+        return ','.join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _order(key: str):
+    return (ORDER.index(key), '') if key in ORDER else (len(ORDER), key)
+
+
 def table(runs: List[dict], markdown: bool = False) -> str:
+    """ One row per configuration (runs that differ in the seed alone), as text or Markdown. """
+    rc_models = _rc_models()
+    configs = [_run_config(r) for r in runs]
+    # keys every run_config.json has (a key an older trainer did not write is not compared)
+    common = set.intersection(*[set(c) for c in configs if c is not None]) if any(
+        c is not None for c in configs) else set()
+    common -= IGNORED
+
     groups: Dict[tuple, List[dict]] = defaultdict(list)
-    for r in runs:
-        key = paper_row(r['model'], r.get('model_kwargs') or {})
-        extra = {k: v for k, v in (r.get('model_kwargs') or {}).items() if k != 'bn_sharing'}
+    settings: Dict[tuple, Dict[str, Any]] = {}
+    for r, cfg in zip(runs, configs):
+        kwargs = r.get('model_kwargs') or {}
+        base = r['model'].split('.')[0]
+        if base in rc_models:
+            key = paper_row(r['model'], kwargs)
+            extra = {k: v for k, v in kwargs.items() if k != 'bn_sharing'}
+        else:  # a plain timm model: its own name, all its kwargs
+            key, extra = (r['model'], ''), dict(kwargs)
         dataset = Path(r.get('data_dir') or r['dataset']).name
-        groups[(key, json.dumps(extra, sort_keys=True), dataset)].append(r)
-    header = ['model', 'kwargs', 'dataset', 'runs', 'epochs', 'params', 'test err % (ours)', 'paper']
+        setting = {k: r[k] for k in SUMMARY_KEYS if k in r}  # a key an older summary lacks is unknown
+        if cfg is None:
+            setting['run_config'] = 'missing'
+        else:
+            setting.update({k: cfg[k] for k in common})
+        ident = (key, json.dumps(extra, sort_keys=True), dataset)
+        sig = ident + (json.dumps(setting, sort_keys=True, default=str),)
+        groups[sig].append(r)
+        settings[sig] = setting
+
+    # settings that differ between rows of the same model, kwargs and dataset
+    varying: Dict[tuple, set] = defaultdict(set)
+    by_ident: Dict[tuple, List[tuple]] = defaultdict(list)
+    for sig in groups:
+        by_ident[sig[:3]].append(sig)
+    for ident, sigs in by_ident.items():
+        for k in set().union(*[settings[s] for s in sigs]):
+            if len({json.dumps(settings[s].get(k), default=str) for s in sigs}) > 1:
+                varying[ident].add(k)
+
+    header = ['model', 'kwargs', 'dataset', 'setting', 'runs', 'seeds', 'epochs', 'params', 'test err % (ours)',
+              'paper']
     rows = []
-    for (key, extra, dataset), rs in sorted(groups.items()):
-        errs = [r['test_top1_error'] for r in rs]
+    # rows of one model, kwargs and dataset together, the most complete first
+    order = sorted(groups, key=lambda sig: (sig[:3], -(settings[sig].get('epochs_completed') or 0), sig[3]))
+    for sig in order:
+        rs = groups[sig]
+        key, extra, dataset, _ = sig
+        setting = settings[sig]
+        name = PAPER_NAMES.get(key) or (f'{key[0]} ({key[1]} BN)' if key[1] else key[0])
+        # the paper's protocol, where it says something about this model and dataset
+        protocol = dict(PROTOCOL)
+        if key[0] in PAPER_EPOCHS and 'steps' not in json.loads(extra or '{}'):
+            protocol['epochs'] = PAPER_EPOCHS[key[0]]
+        if dataset in ('cifar10', 'cifar100'):
+            protocol.update(CIFAR_EXAMPLES)
+        shown = {k for k, v in protocol.items() if k in setting and setting[k] != v}
+        shown |= varying[sig[:3]] - {'epochs_completed'}
+        described = ', '.join(f'{SHORT.get(k, k)} {_fmt(setting.get(k))}' for k in sorted(shown, key=_order))
+
+        # one run per seed: the newest of a seed run more than once
+        by_seed: Dict[Any, List[dict]] = defaultdict(list)
+        for r in rs:
+            by_seed[r.get('seed')].append(r)
+        chosen = []
+        seeds = []
+        for seed in sorted(by_seed, key=lambda s: (s is None, s)):
+            same = sorted(by_seed[seed], key=_mtime)
+            if seed is None:  # a summary without its seed: no way to tell re-runs apart, all count
+                chosen += same
+                seeds += ['?'] * len(same)
+                continue
+            chosen.append(same[-1])
+            if len(same) > 1:
+                seeds.append(','.join([_fmt(seed)] * len(same)) + '!')
+                print(f'warning: {name}{" " + extra if extra and extra != "{}" else ""} on {dataset}: seed '
+                      f'{_fmt(seed)} was run {len(same)} times ({", ".join(str(r.get("path")) for r in same)}); '
+                      f'counting only the newest, {same[-1].get("path")}', file=sys.stderr)
+            else:
+                seeds.append(_fmt(seed))
+        r0 = rs[0]
+        errs = [r['test_top1_error'] for r in chosen]
         spread = f' ± {statistics.stdev(errs):.2f}' if len(errs) > 1 else ''
         paper: Optional[float] = PAPER.get(key, {}).get(dataset) if extra == '{}' else None
-        epochs = sorted({f"{r['epochs_completed']}/{r['epochs']}" for r in rs})
-        rows.append([PAPER_NAMES.get(key, f'{key[0]} ({key[1]} BN)'), '' if extra == '{}' else extra, dataset,
-                     str(len(rs)), ','.join(epochs), f"{rs[0]['params']:,}",
+        rows.append([name, '' if extra in ('{}', '') else extra, dataset, described, str(len(chosen)),
+                     ','.join(seeds), f"{r0.get('epochs_completed', '?')}/{r0.get('epochs', '?')}",
+                     f"{r0['params']:,}",
                      f'{statistics.mean(errs):.2f}{spread}', '' if paper is None else f'{paper:.2f}'])
     if markdown:
         lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -76,7 +227,7 @@ def table(runs: List[dict], markdown: bool = False) -> str:
         return '\n'.join(lines)
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     fmt = '  '.join(f'{{:<{w}}}' for w in widths)
-    return '\n'.join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
+    return '\n'.join([fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,0 +1,235 @@
+""" `python -m timm_rc.results` and `timm_rc.plots` on tiny fake run folders (the trainer's file formats). """
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from timm_rc import plots, results
+
+# run_config.json as the trainer writes it (timm_rc/train/loop.py: the config plus resolved values)
+BASE_CONFIG = dict(
+    model='rc4_cifar', model_kwargs={}, dataset='cifar10', data_dir='../shared/data/cifar10',
+    max_train_samples=None, max_eval_samples=None, loader='dataloader', epochs=160, batch_size=128, lr=0.1,
+    momentum=0.9, weight_decay=0.0001, lr_milestones=[60, 90], lr_gamma=0.1, warmup_epochs=0,
+    clip_grad_value=0.1, label_smoothing=0.0, max_steps=None, seed=0, mixed_precision='no', compile=False,
+    compile_mode=None, channels_last=False, sync_bn=False, eval_batch_size=1024, output_dir='runs/x',
+    log_with='none', project='timm_rc', run_name=None, log_interval=50, keep_checkpoints=2, resume=None,
+    params=1_262_922, num_processes=1)
+
+
+def make_run(folder, err=10.0, mtime=None, summary=None, **config):
+    """ A finished run: summary.json and run_config.json; `config` overrides run_config.json keys
+    (and the summary's, where the trainer writes them to both). """
+    cfg = dict(BASE_CONFIG, **config)
+    summary = dict(dict(
+        model=cfg['model'], model_kwargs=cfg['model_kwargs'], dataset=cfg['dataset'], data_dir=cfg['data_dir'],
+        params=cfg['params'], epochs=cfg['epochs'], epochs_completed=cfg['epochs'], global_step=1,
+        test_top1_error=err, best_test_top1_error=err, train_loss=0.5,
+        eval_examples=cfg['max_eval_samples'] or 10_000, train_examples=cfg['max_train_samples'] or 50_000,
+        images_per_sec=100.0, wall_time_s=1.0, seed=cfg['seed'], num_processes=1,
+        global_batch_size=cfg['batch_size'], loader=cfg['loader'], mixed_precision=cfg['mixed_precision'],
+        device='cpu', device_name='cpu', versions={}), **(summary or {}))
+    folder.mkdir(parents=True)
+    (folder / 'run_config.json').write_text(json.dumps(cfg, indent=2))
+    (folder / 'summary.json').write_text(json.dumps(summary, indent=2))
+    if mtime is not None:
+        os.utime(folder / 'summary.json', (mtime, mtime))
+    return folder
+
+
+def rows(text):
+    """ Markdown table -> list of {column: cell}. """
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    return [dict(zip(header, [c.strip() for c in line.strip('|').split('|')])) for line in lines[2:]]
+
+
+def test_runs_that_differ_in_the_seed_alone_pool(tmp_path):
+    for seed, err in enumerate([10.0, 12.0, 14.0]):
+        make_run(tmp_path / f'rc4/seed{seed}', err=err, seed=seed, output_dir=f'runs/rc4/seed{seed}')
+    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert row == {'model': 'RC-4', 'kwargs': '', 'dataset': 'cifar10', 'setting': '', 'runs': '3', 'seeds': '0,1,2',
+                   'epochs': '160/160', 'params': '1,262,922', 'test err % (ours)': '12.00 ± 2.00', 'paper': '7.65'}
+
+
+@pytest.mark.parametrize('change,setting,base_setting', [
+    (dict(epochs=15), 'epochs 15', 'epochs 160'),
+    (dict(max_train_samples=1000), 'train_examples 1000', 'train_examples 50000'),
+    (dict(max_eval_samples=500), 'eval_examples 500', 'eval_examples 10000'),
+    (dict(batch_size=512), 'batch 512', 'batch 128'),
+    (dict(lr=0.2), 'lr 0.2', 'lr 0.1'),
+    (dict(lr_milestones=[8, 12]), 'lr_milestones 8,12', 'lr_milestones 60,90'),
+    (dict(clip_grad_value=None), 'clip none', 'clip 0.1'),
+    (dict(warmup_epochs=5), 'warmup_epochs 5', 'warmup_epochs 0'),
+    (dict(label_smoothing=0.1), 'label_smoothing 0.1', 'label_smoothing 0'),
+    (dict(max_steps=100), 'max_steps 100', 'max_steps none'),
+    (dict(mixed_precision='bf16'), 'mixed_precision bf16', 'mixed_precision no'),
+    (dict(compile=True), 'compile true', 'compile false'),
+    (dict(loader='gpu'), 'loader gpu', 'loader dataloader'),
+])
+def test_runs_that_differ_in_a_setting_are_separate_rows(tmp_path, change, setting, base_setting):
+    """ Each row names what sets it apart: from the paper's protocol, and from the other row. """
+    make_run(tmp_path / 'a', err=10.0)
+    make_run(tmp_path / 'b', err=20.0, **change)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert len(table) == 2 and all(r['runs'] == '1' for r in table)
+    by_err = {r['test err % (ours)']: r['setting'] for r in table}
+    assert by_err == {'20.00': setting, '10.00': base_setting}
+
+
+def test_paper_protocol_alone_has_an_empty_setting_and_a_deviation_is_listed(tmp_path):
+    make_run(tmp_path / 'rc4', err=10.0)
+    make_run(tmp_path / 'rc2', err=11.0, model='rc2_cifar', epochs=120, clip_grad_value=0.5, params=1_260_362)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert [(r['model'], r['setting'], r['paper']) for r in table] == [
+        ('RC-2', 'clip 0.5', '8.44'), ('RC-4', '', '7.65')]
+
+
+def test_reduced_protocol_is_described_and_in_progress_runs_are_apart(tmp_path):
+    reduced = dict(epochs=15, lr_milestones=[8, 12], clip_grad_value=None,
+                   model_kwargs={'width': 16, 'block': 'postact'})
+    make_run(tmp_path / 'done/seed0', err=30.0, **reduced)
+    make_run(tmp_path / 'done/seed1', err=32.0, seed=1, **reduced)
+    make_run(tmp_path / 'running/seed2', err=50.0, seed=2, summary=dict(epochs_completed=6), **reduced)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert [(r['kwargs'], r['setting'], r['runs'], r['seeds'], r['epochs'], r['test err % (ours)'], r['paper'])
+            for r in table] == [
+        ('{"block": "postact", "width": 16}', 'epochs 15, lr_milestones 8,12, clip none', '2', '0,1', '15/15',
+         '31.00 ± 1.41', ''),
+        ('{"block": "postact", "width": 16}', 'epochs 15, lr_milestones 8,12, clip none', '1', '2', '6/15', '50.00',
+         ''),
+    ]
+
+
+def test_settings_that_do_not_change_the_run_are_not_compared(tmp_path):
+    make_run(tmp_path / 'a', err=10.0, seed=0, output_dir='a', run_name='x', log_with='wandb', log_interval=10,
+             keep_checkpoints=5, project='p', eval_batch_size=256, resume='auto', data_dir='../shared/data/cifar10')
+    make_run(tmp_path / 'b', err=12.0, seed=1, output_dir='b', data_dir='/work/shared/data/cifar10/')
+    make_run(tmp_path / 'c', err=14.0, seed=2, output_dir='c', data_dir=None)  # the dataset's name
+    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert (row['runs'], row['seeds'], row['setting'], row['test err % (ours)']) == ('3', '0,1,2', '', '12.00 ± 2.00')
+
+
+def test_a_key_older_runs_lack_is_not_compared(tmp_path):
+    make_run(tmp_path / 'new', err=10.0, seed=0, num_threads=2, some_new_setting=1)
+    old = make_run(tmp_path / 'old', err=12.0, seed=1)
+    assert 'some_new_setting' not in json.loads((old / 'run_config.json').read_text())
+    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert (row['runs'], row['seeds']) == ('2', '0,1')
+
+
+def test_a_seed_run_twice_counts_once_with_its_newest_run(tmp_path, capsys):
+    make_run(tmp_path / 'first/seed0', err=80.0, mtime=1_000_000)
+    make_run(tmp_path / 'again/seed0', err=75.0, mtime=2_000_000)
+    make_run(tmp_path / 'first/seed1', err=77.0, seed=1)
+    capsys.readouterr()
+    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert (row['runs'], row['seeds'], row['test err % (ours)']) == ('2', '0,0!,1', '76.00 ± 1.41')
+    assert capsys.readouterr().err == (
+        f'warning: RC-4 on cifar10: seed 0 was run 2 times ({tmp_path}/first/seed0, {tmp_path}/again/seed0); '
+        f'counting only the newest, {tmp_path}/again/seed0\n')
+
+
+def test_plain_timm_model_is_named_by_its_name(tmp_path):
+    make_run(tmp_path / 'r18', err=9.0, model='resnet18', model_kwargs={'drop_rate': 0.1}, params=11_181_642)
+    make_run(tmp_path / 'rc2', err=11.0, model='rc2_cifar', model_kwargs={'bn_sharing': 'shared', 'width': 16},
+             epochs=120)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    assert [(r['model'], r['kwargs'], r['paper']) for r in table] == [
+        ('rc2_cifar (shared BN)', '{"width": 16}', ''),
+        ('resnet18', '{"drop_rate": 0.1}', ''),
+    ]
+
+
+def test_public_api_keeps_its_signatures(tmp_path, capsys):
+    make_run(tmp_path / 'a', err=10.0)
+    runs = results.collect([tmp_path])
+    assert runs[0]['path'] == str(tmp_path / 'a') and runs[0]['run_config']['lr'] == 0.1
+    # a caller that builds the run dicts itself (without run_config) still gets run_config.json compared
+    bare = [{k: v for k, v in r.items() if k != 'run_config'} for r in runs]
+    assert results.table(bare) == results.table(runs)
+    text = results.table(runs, markdown=False).splitlines()
+    assert text[0].split() == ['model', 'kwargs', 'dataset', 'setting', 'runs', 'seeds', 'epochs', 'params', 'test',
+                               'err', '%', '(ours)', 'paper']
+    results.main([str(tmp_path), '--markdown'])
+    assert capsys.readouterr().out.splitlines()[2] == \
+        '| RC-4 |  | cifar10 |  | 1 | 0 | 160/160 | 1,262,922 | 10.00 | 7.65 |'
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def write_metrics(folder, epochs=3):
+    with open(folder / 'metrics.jsonl', 'w') as f:
+        for e in range(1, epochs + 1):
+            f.write(json.dumps({'train/loss': 2.0 / e, 'train/acc': 0.3, 'test/top1_err': 60.0 - e,
+                                'test/top1_acc': 0.4, 'lr': 0.1, 'epoch': e}) + '\n')
+
+
+def test_curves_figure_titles_labels_and_integer_epochs(tmp_path):
+    a = make_run(tmp_path / 'rc4/seed0', model_kwargs={'width': 8})
+    b = make_run(tmp_path / 'r18/seed0', model='resnet18')
+    write_metrics(a), write_metrics(b)
+    fig = plots.curves_figure([a, b])
+    ax_loss, ax_err = fig.axes[:2]
+    assert (ax_loss.get_xlabel(), ax_loss.get_ylabel(), ax_loss.get_title()) == ('epoch', 'training loss',
+                                                                                  'training loss')
+    assert (ax_err.get_xlabel(), ax_err.get_ylabel(), ax_err.get_title()) == ('epoch', 'test error (%)', 'test error')
+    labels = [f'rc4_cifar {{"width": 8}} ({a})', f'resnet18 ({b})']
+    assert fig._suptitle.get_text() == '; '.join(labels)
+    assert [line.get_label() for line in ax_err.get_lines()] == labels
+    fig.canvas.draw()
+    for ax in (ax_loss, ax_err):
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks == [1, 2, 3]
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    a = make_run(tmp_path / 'run')
+    write_metrics(a)
+    out = plots.plot_curves([a], tmp_path / 'out' / 'curves.png')
+    assert out.read_bytes()[:4] == b'\x89PNG'
+
+
+def write_bn_stats(folder, steps=2, channels=6, epoch=3):
+    stats = {}
+    for cell in ('cell1', 'cell2'):
+        for i in range(steps):
+            for bn in ('bn1', 'bn2'):
+                for stat in ('running_mean', 'running_var', 'weight', 'bias'):
+                    stats[f'{cell}.step{i}.{bn}.{stat}'] = torch.full((channels,), float(i))
+    (folder / 'bn_stats').mkdir()
+    save_file(stats, str(folder / 'bn_stats' / f'epoch_{epoch:04d}.safetensors'))
+
+
+def test_bn_figures_titles_labels_and_integer_channels(tmp_path):
+    run = make_run(tmp_path / 'rc4/seed0', model_kwargs={'width': 8, 'block': 'postact'})
+    write_bn_stats(run)
+    figs = plots.bn_figures(run)
+    assert sorted(figs) == [('cell1', 'bn1'), ('cell1', 'bn2'), ('cell2', 'bn1'), ('cell2', 'bn2')]
+    fig = figs[('cell1', 'bn1')]
+    assert fig._suptitle.get_text() == \
+        f'rc4_cifar {{"block": "postact", "width": 8}} ({run}): cell1.bn1 per unrolling step, epoch 3'
+    assert [ax.get_title() for ax in fig.axes] == ['running mean', 'running variance', 'gamma', 'beta']
+    assert [ax.get_ylabel() for ax in fig.axes] == ['running mean', 'running variance', 'gamma', 'beta']
+    assert {ax.get_xlabel() for ax in fig.axes} == {'channel'}
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ['step 1', 'step 2']
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+    written = plots.plot_bn(run, out=tmp_path / 'plots')
+    assert sorted(p.name for p in written) == ['bn_cell1_bn1.png', 'bn_cell1_bn2.png', 'bn_cell2_bn1.png',
+                                               'bn_cell2_bn2.png']
+
+
+def test_summaries_without_seed_or_run_config_count_each_run(tmp_path):
+    """ Older or hand-made summaries: no seed (re-runs cannot be told apart, so each counts), no
+    run_config.json, no example counts (not compared, not listed as a deviation). """
+    for i, err in enumerate([8.0, 9.0, 10.0]):
+        (tmp_path / f'r{i}').mkdir()
+        (tmp_path / f'r{i}' / 'summary.json').write_text(json.dumps(dict(
+            model='rc4_cifar', model_kwargs={'bn_sharing': 'shared'}, dataset='cifar10', data_dir=None,
+            test_top1_error=err, epochs_completed=160, epochs=160, params=1_259_082)))
+    assert results.table(results.collect([tmp_path]), markdown=True).splitlines()[2] == \
+        '| RC-4, shared BN |  | cifar10 |  | 3 | ?,?,? | 160/160 | 1,259,082 | 9.00 ± 1.00 | 21.00 |'
