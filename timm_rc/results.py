@@ -65,6 +65,10 @@ ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr',
          'mixed_precision']
 
 
+# model kwargs that leave the paper's network the same network (its width, its block style)
+SAME_NETWORK_KWARGS = frozenset(('width', 'block', 'drop_rate', 'drop_path_rate'))
+
+
 def paper_row(model: str, model_kwargs: dict) -> Tuple[str, str]:
     base = model.split('.')[0]
     bn = model_kwargs.get('bn_sharing', 'independent')
@@ -216,7 +220,10 @@ def table(runs: List[dict], markdown: bool = False) -> str:
         r0 = rs[0]
         errs = [r['test_top1_error'] for r in chosen]
         spread = f' ± {statistics.stdev(errs):.2f}' if len(errs) > 1 else ''
-        paper: Optional[float] = PAPER.get(key, {}).get(dataset) if extra == '{}' else None
+        # the paper's number beside runs of the same network, also at another width or block style
+        # (the setting and kwargs columns say how the run differs); another step count is another network
+        same_net = extra in ('{}', '') or set(json.loads(extra)) <= SAME_NETWORK_KWARGS
+        paper: Optional[float] = PAPER.get(key, {}).get(dataset) if same_net else None
         rows.append([name, '' if extra in ('{}', '') else extra, dataset, described, str(len(chosen)),
                      ','.join(seeds), f"{r0.get('epochs_completed', '?')}/{r0.get('epochs', '?')}",
                      f"{r0['params']:,}",
