@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (H100/H200): throughput of the real loop at batch 128 and 512, then a real
-# run of the fast recipe on CIFAR-10. Prints a short table; whole logs go to $OUT (or ./gpu_check).
+# One prepared GPU check (H100/H200): throughput of the real loop at batch 128 and 512 (eager,
+# compiled, CUDA graphs), the total of 1, 2 and 4 processes sharing the GPU, then a real run of the
+# fast recipe on CIFAR-10. Prints a short table; whole logs go to $OUT (or ./gpu_check).
 #
 #   DATA=path/to/cifar10 bash benchmarks/gpu_check.sh [EPOCHS_OF_FAST_RECIPE]
 #
@@ -22,6 +23,21 @@ python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 512 --prec
     2>&1 | tee "$LOGS/bench_compile.log" | grep -E '^rc4_cifar '
 python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 --precision bf16 --epochs 3 --compile \
     --compile_mode reduce-overhead 2>&1 | tee "$LOGS/bench_cudagraphs.log" | grep -E '^rc4_cifar '
+
+echo "== 1, 2 and 4 training processes sharing the GPU (batch 128 each, bf16, eager): total images/s =="
+for n in 1 2 4; do
+    for i in $(seq "$n"); do
+        python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 --precision bf16 --epochs 3 \
+            > "$LOGS/share_${n}_${i}.log" 2>&1 &
+    done
+    wait
+    python - "$n" "$LOGS"/share_"$n"_*.log <<'EOF'
+import sys
+rates = [float(line.split()[-1].replace(',', '')) for f in sys.argv[2:] for line in open(f)
+         if line.startswith('rc4_cifar ')]
+print(f"{sys.argv[1]} process(es): {' + '.join(f'{r:,.0f}' for r in rates)} = {sum(rates):,.0f} images/s in total")
+EOF
+done
 
 echo "== fast recipe, $EPOCHS epochs =="
 python train.py --config train_configs/fast_rc4_cifar10.yaml --data_dir "$DATA" --epochs "$EPOCHS" \
