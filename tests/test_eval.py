@@ -224,3 +224,24 @@ def test_a_slice_of_the_real_cifar10(capsys):
                    '--max_samples', '256', '--device', 'cpu'], capsys)
     assert r['examples'] == 256 and r['class_names'][:2] == ['airplane', 'automobile']
     assert 0 <= r['top5_error'] <= r['top1_error'] <= 100
+
+
+def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
+    import shutil
+    import timm
+    from timm_rc.eval import load_model
+    model = timm.create_model('rc2_cifar', width=4, block='preact')
+    run = tmp_path / 'old'
+    from timm.models import save_for_hf
+    save_for_hf(model, str(run), model_args={'width': 4}, safe_serialization=True)
+    config = json.loads((run / 'config.json').read_text())
+    assert config['model_args']['block'] == 'preact'  # recorded since 0.2.0 (RCNet.block)
+    del config['model_args']['block']  # 0.1.0 wrote no block
+    (run / 'config.json').write_text(json.dumps(config))
+    (run / 'run_config.json').write_text(json.dumps({'model': 'rc2_cifar', 'model_kwargs': {'width': 4}}))
+    (run / 'summary.json').write_text(json.dumps({'model': 'rc2_cifar', 'versions': {'timm_rc': '0.1.0'}}))
+    assert load_model(run).block == 'preact'
+    new = tmp_path / 'new'
+    shutil.copytree(run, new)
+    (new / 'summary.json').write_text(json.dumps({'model': 'rc2_cifar', 'versions': {'timm_rc': '0.2.0'}}))
+    assert load_model(new).block == 'postact'

@@ -407,12 +407,15 @@ def test_config_precedence_and_parsing(tmp_path):
 def test_every_shipped_config_loads_and_sweeps_point_at_real_configs():
     import yaml
     configs = sorted((REPO / 'train_configs').glob('*.yaml'))
-    assert len(configs) == 15
+    ours = ('fast_rc4_cifar10.yaml', 'cpu_demo.yaml', 'ours_rc4_cifar10.yaml')  # labelled as ours in the file
+    assert len(configs) == 14 + len(ours)
     for path in configs:
         cfg = load_config(['--config', str(path)])
         assert timm.is_model(cfg.model.split('.')[0]), path
         assert '{seed}' in cfg.output_dir
-    paper = {p.name: load_config(['--config', str(p)]) for p in configs if not p.name.startswith('fast')}
+        assert (path.read_text().startswith('# Ours') or 'ours' in path.read_text().splitlines()[0]) == (
+            path.name in ours), path
+    paper = {p.name: load_config(['--config', str(p)]) for p in configs if p.name not in ours}
     for name, cfg in paper.items():
         depth_gt_10 = cfg.model.split('.')[0] in ('rc4_cifar', 'rc4_unshared_cifar')
         assert cfg.epochs == (160 if depth_gt_10 else 120), name
@@ -551,6 +554,22 @@ def test_ctrl_c_says_where_the_newest_checkpoint_is(tiny_data, tmp_path, capsys,
     assert err.rstrip().endswith('--resume (or the same through accelerate launch)')
 
 
+def test_sigterm_stops_like_ctrl_c(tiny_data, tmp_path):
+    import signal
+    import time
+    out = tmp_path / 'run'
+    p = subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--data_dir', str(tiny_data), '--output_dir', str(out),
+                          '--epochs', '500', *TINY], env=_subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (out / 'checkpoints' / 'epoch_0001').is_dir() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert p.poll() is None and (out / 'checkpoints' / 'epoch_0001').is_dir()
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 130, err[-2000:]
+    assert 'interrupted. The newest complete checkpoint is' in err and 'Traceback' not in err
+
+
 def test_user_errors_print_on_the_main_process_only(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('RANK', '1')
     code, err = run_main(['--epochz', '1'], capsys)
@@ -651,3 +670,20 @@ def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
     assert (artifact.name, artifact.type, aliases) == ('cpu_w8-rc4-cifar-seed0-model', 'model', ['latest', 'epoch2'])
     assert sorted(artifact.manifest.entries) == ['config.json', 'model.safetensors']
     assert artifact.metadata['test_top1_error'] == summary['test_top1_error']
+
+
+def test_cpu_demo_config_and_sweep(tiny_data, tmp_path, monkeypatch):
+    from timm_rc.sweep import load_sweep, plan
+    monkeypatch.chdir(REPO)  # the sweep's paths are relative to the repository, as for `wandb agent`
+    runs = plan(load_sweep(REPO / 'train_configs' / 'sweeps' / 'cpu_demo.yaml'), 'cpu_demo')
+    assert [r.command[-2:] for r in runs] == [['--config=train_configs/cpu_demo.yaml', '--model=rc1_cifar'],
+                                              ['--config=train_configs/cpu_demo.yaml', '--model=rc4_cifar']]
+    assert [str(r.output_dir) for r in runs] == ['runs/cpu_demo/rc1_cifar/seed0', 'runs/cpu_demo/rc4_cifar/seed0']
+    cfg = load_config(['--config', 'train_configs/cpu_demo.yaml'])
+    assert (cfg.model_kwargs, cfg.epochs, cfg.lr_milestones, cfg.clip_grad_value) == ({'width': 8}, 8, [5, 7], 0.1)
+    assert cfg.data_dir == '../shared/data/cifar10'
+    # the demo's settings train (on the tiny data, two steps)
+    summary = run(['--config', 'train_configs/cpu_demo.yaml', '--data_dir', str(tiny_data), '--max_steps', '2',
+                   '--batch_size', '16', '--output_dir', str(tmp_path / 'demo')])
+    width8 = timm.create_model('rc4_cifar', width=8)
+    assert summary['global_step'] == 2 and summary['params'] == sum(p.numel() for p in width8.parameters())

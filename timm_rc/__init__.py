@@ -1,9 +1,19 @@
 """ timm_rc: recurrent-convolution (RC) networks as a timm plugin.
 
 `import timm_rc` registers the RC models with timm (`timm.create_model('rc4_cifar')`) and exposes
-`unroll`, the wrapper that turns any shape-preserving residual block into a weight-shared recurrent one.
+`unroll`, the wrapper that turns any shape-preserving residual block into a weight-shared recurrent one,
+and `flops_per_image` (the cost axis of cost-adjustable inference, `RCNet.set_steps`).
 """
-from .layers import BN_SHARING, InvertibleDownsample, Unrolled, unroll
+from .layers import BN_POLICIES, BN_SHARING, InvertibleDownsample, Unrolled, step_map, unroll
 from .models import PreActBasicBlock, RCNet
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
+
+
+def __getattr__(name):
+    # flops_per_image lives in timm_rc.eval; imported on first use, so that `python -m timm_rc.eval`
+    # does not find its own module imported already
+    if name == 'flops_per_image':
+        from .eval import flops_per_image
+        return flops_per_image
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -9,8 +9,16 @@ holds (same examples, batch size, precision and memory format: the run's own, re
     python -m timm_rc.eval weights.safetensors --model rc4_cifar --model_kwargs '{"width": 16}' \\
         --data_dir ../shared/data/cifar10
     python -m timm_rc.eval --model rc4_cifar --data_dir ../shared/data/cifar10   # untrained
+    python -m timm_rc.eval RUN [RUN ...] --steps 1,2,3,4,6,8 [--plot steps.png]  # cost-adjustable inference
 
-Library: `evaluate(model, loader, mean=..., std=...) -> EvalResult`, `load_model(source, model, model_kwargs)`.
+`--steps`: each RC network runs k' unrolled steps per cell (`RCNet.set_steps`) for every k' listed; the
+command prints the test error and the FLOPs per image of each (one multiply-add counts 2 FLOPs), and
+`--plot` draws error against FLOPs per image, one line per run. With `--json` it prints a list, one
+object per run, whose 'steps' holds a row per k': {steps, top1_error, top5_error, loss, examples,
+flops_per_image}.
+
+Library: `evaluate(model, loader, mean=..., std=...) -> EvalResult`, `load_model(source, model, model_kwargs)`,
+`evaluate_over_steps(model, loader, steps, mean=..., std=...) -> rows`, `flops_per_image(model)`.
 """
 import argparse
 import dataclasses
@@ -29,7 +37,8 @@ from torch import nn
 from .train.config import UserError
 from .train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
 
-__all__ = ['EvalResult', 'evaluate', 'load_model', 'find_run', 'read_run', 'model_mean_std', 'main']
+__all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'load_model', 'find_run', 'read_run',
+           'model_mean_std', 'main']
 
 WEIGHTS = 'model.safetensors'  # what the trainer (timm's save_for_hf) and accelerate's save_state write
 PRECISIONS = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -135,6 +144,58 @@ def evaluate(
     )
 
 
+def flops_per_image(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
+    """ FLOPs of one forward pass of one image (C, H, W), counted by `torch.utils.flop_counter.FlopCounterMode`
+    (convolutions and matrix products; one multiply-add is 2 FLOPs; BN, activations and pooling are not
+    counted). `input_size` defaults to the model's `pretrained_cfg['input_size']`. Runs the model once in
+    eval mode (BN running statistics untouched) and restores its mode. """
+    from torch.utils.flop_counter import FlopCounterMode
+    if input_size is None:
+        input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
+        if input_size is None:
+            raise ValueError('flops_per_image() needs input_size (C, H, W): the model has no pretrained_cfg input_size')
+    ref = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def evaluate_over_steps(
+        model: nn.Module,
+        loader,
+        steps: Sequence[int],
+        *,
+        bn_policy: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+        **evaluate_kwargs,
+) -> List[Dict[str, Any]]:
+    """ Cost-adjustable inference: `evaluate` the model run at each k' in `steps` (`model.set_steps(k',
+    bn_policy)`, e.g. `RCNet`), one row per k': {steps, top1_error, top5_error, loss, examples,
+    flops_per_image}. The model runs its trained steps again afterwards. `evaluate_kwargs` go to
+    `evaluate` (mean, std, device, ...). """
+    if not callable(getattr(model, 'set_steps', None)):
+        raise ValueError(f'{type(model).__name__} cannot change its number of steps (it has no set_steps); '
+                         f'evaluating over steps needs an RC network such as RCNet')
+    rows = []
+    try:
+        for k in steps:
+            model.set_steps(k, bn_policy)
+            flops = flops_per_image(model, input_size)
+            r = evaluate(model, loader, **evaluate_kwargs)
+            rows.append(dict(steps=k, top1_error=r.top1_error, top5_error=r.top5_error,
+                             loss=r.loss if math.isfinite(r.loss) else None, examples=r.examples,
+                             flops_per_image=flops))
+    finally:  # the trained steps: RCNet.steps, Unrolled.num_steps
+        model.set_steps(model.steps if isinstance(getattr(model, 'steps', None), int) else model.num_steps)
+    return rows
+
+
 def model_mean_std(model: nn.Module, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """ The model's `pretrained_cfg` mean and std, x 255, shaped (1, C, 1, 1), as `evaluate` takes them. """
     cfg = model.pretrained_cfg
@@ -154,6 +215,31 @@ def find_run(path: Union[str, Path]) -> Optional[Path]:
         if (d / 'run_config.json').is_file():
             return d
     return None
+
+
+def _legacy_block(path: Path) -> Dict[str, Any]:
+    """ {'block': 'preact'} for an RC run trained before timm_rc 0.2.0 without an explicit block: its
+    default was 'preact' then ('postact' since), and both load the same weights, so only the run's
+    version tells them apart. """
+    run_dir = path if path.is_dir() else find_run(path)
+    if run_dir is None:
+        return {}
+    run = read_run(run_dir)
+    config = run_dir / 'config.json'
+    args = {}
+    if config.is_file():
+        try:
+            args = json.loads(config.read_text()).get('model_args') or {}
+        except json.JSONDecodeError:
+            pass
+    version = (run.get('summary') or {}).get('versions', {}).get('timm_rc', '')
+    model = str(run.get('model', '')).split('.')[0]
+    if not version or model not in ('rc1_cifar', 'rc2_cifar', 'rc4_cifar', 'rc2_unshared_cifar', 'rc4_unshared_cifar'):
+        return {}
+    old = tuple(int(x) for x in version.split('.')[:2] if x.isdigit()) < (0, 2)
+    if old and 'block' not in args and 'block' not in (run.get('model_kwargs') or {}):
+        return {'block': 'preact'}
+    return {}
 
 
 def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -249,6 +335,8 @@ def load_model(
             hint = f'; the run is not finished: evaluate its newest checkpoint with {ckpts[-1]}'
         raise UserError(f'{source} holds no {WEIGHTS}; give a run folder written by the trainer (or timm\'s '
                         f'save_for_hf) or a weights file{hint}')
+    if model is None:
+        kwargs = {**_legacy_block(path), **kwargs}
     if model is None and path.is_dir() and (path / 'config.json').is_file():
         net = _create(f'local-dir:{path}', kwargs)
         what = f'the model of {path / "config.json"}' + (f' with model_kwargs {json.dumps(kwargs)}' if kwargs else '')
@@ -277,8 +365,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog='python -m timm_rc.eval', description=__doc__.split('\n\n')[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('source', nargs='?', metavar='RUN_OR_WEIGHTS',
-                   help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained')
+    p.add_argument('sources', nargs='*', metavar='RUN_OR_WEIGHTS',
+                   help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained; '
+                        'several with --steps')
     p.add_argument('--model', help='timm name (e.g. rc4_cifar, rc4_cifar.cifar100); default: the run\'s')
     p.add_argument('--model_kwargs', help='JSON object passed to timm.create_model, e.g. \'{"width": 16}\'')
     p.add_argument('--dataset', help='cifar10, cifar100 or a hub id; default: the run\'s, else cifar10')
@@ -290,7 +379,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--mixed_precision', choices=tuple(PRECISIONS),
                    help='autocast dtype; default: the run\'s, else no')
     p.add_argument('--json', action='store_true', help='print one JSON object (with top1_error) instead of a table')
+    p.add_argument('--steps', help="comma list of unrolled steps k' per cell to run each RC network with, e.g. "
+                                   "1,2,3,4,6,8: test error and FLOPs per image for each")
+    p.add_argument('--bn_policy', help="with --steps: which trained step's BN layers serve each executed step, "
+                                       "'spread' or 'first' (default: the model's bn_policy)")
+    p.add_argument('--plot', help='with --steps: write a PNG of test error against FLOPs per image, one line per run')
     return p
+
+
+def _parse_steps(text: str) -> List[int]:
+    try:
+        steps = [int(t) for t in text.split(',') if t.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise UserError(f'--steps needs a comma list of step counts >= 1, e.g. 1,2,3,4,6,8; got {text!r}')
+    return steps
 
 
 def _parse_kwargs(text: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -334,15 +438,25 @@ def _run_data_dir(run_dir: Path, run: Dict[str, Any]) -> Optional[str]:
                     f'here ({Path.cwd()}); pass --data_dir DIR')
 
 
-def _run_and_report(args) -> Dict[str, Any]:
+def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = None) -> Dict[str, Any]:
     kwargs = _parse_kwargs(args.model_kwargs)
     for key in ('batch_size', 'max_samples'):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
     device = _device(args.device)
-    run_dir = find_run(args.source) if args.source is not None and Path(args.source).exists() else None
+    run_dir = find_run(source) if source is not None and Path(source).exists() else None
     run = read_run(run_dir) if run_dir is not None else {}
-    net = load_model(args.source, args.model, kwargs)
+    net = load_model(source, args.model, kwargs)
+    if steps is not None and not callable(getattr(net, 'set_steps', None)):
+        raise UserError(f'{source or args.model} is a {type(net).__name__}, which cannot change its number of '
+                        f'steps: --steps needs an RC network (e.g. rc4_cifar)')
+    if steps is not None and not net.share_weights and max(steps) > net.steps:
+        raise UserError(f'{source or args.model} has unshared weights for {net.steps} steps per cell and cannot run '
+                        f'{max(steps)}: --steps up to {net.steps}')
+    if args.bn_policy is not None:
+        from .layers import BN_POLICIES
+        if args.bn_policy not in BN_POLICIES:
+            raise UserError(f'--bn_policy must be one of {", ".join(BN_POLICIES)}; got {args.bn_policy!r}')
 
     dataset = args.dataset or run.get('dataset') or 'cifar10'
     if args.data_dir is not None:
@@ -370,11 +484,23 @@ def _run_and_report(args) -> Dict[str, Any]:
         net = net.to(memory_format=torch.channels_last)
     loader = torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
                                          collate_fn=collate_batch, pin_memory=device.type == 'cuda')
+    common = dict(
+        source=source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
+        model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
+        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir, split=args.split,
+        batch_size=batch_size, device=str(device), mixed_precision=precision, channels_last=channels_last,
+    )
+    if steps is not None:
+        rows = evaluate_over_steps(
+            net, loader, steps, bn_policy=args.bn_policy, mean=mean, std=std, channels_last=channels_last,
+            num_classes=num_classes, device=device, autocast_dtype=PRECISIONS[precision])
+        return dict(common, trained_steps=net.steps, bn_sharing=net.bn_sharing,
+                    bn_policy=args.bn_policy or net.bn_policy, steps=rows)
     result = evaluate(net, loader, mean=mean, std=std, channels_last=channels_last, num_classes=num_classes,
                       device=device, autocast_dtype=PRECISIONS[precision])
     report = dict(
         result.to_dict(),
-        source=args.source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
+        source=source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
         model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
         params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir, split=args.split,
         class_names=class_names, batch_size=batch_size, device=str(device), mixed_precision=precision,
@@ -413,19 +539,52 @@ def _table(r: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """ `python -m timm_rc.eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json.
-    Bad input: one line on stderr and exit code 2. Returns the report (for callers in Python). """
+def _steps_table(r: Dict[str, Any]) -> str:
+    kwargs = f' {json.dumps(r["model_kwargs"])}' if r['model_kwargs'] else ''
+    precision = 'fp32' if r['mixed_precision'] == 'no' else r['mixed_precision']
+    lines = [f'{r["source"] or "untrained"}: {r["model"]}{kwargs}, {r["params"]:,} params, trained with '
+             f'{r["trained_steps"]} steps per cell, bn_sharing {r["bn_sharing"]}, bn_policy {r["bn_policy"]}',
+             f'  on {r["data_dir"] or r["dataset"]} ({r["split"]} split), {r["device"]}, {precision}, '
+             f'batch {r["batch_size"]}, {r["steps"][0]["examples"]:,} examples' if r['steps'] else '',
+             f'  {"steps":>5}  {"top-1 error":>11}  {"top-5 error":>11}  {"MFLOPs/image":>12}']
+    for row in r['steps']:
+        top5 = f'{row["top5_error"]:.2f}%' if row['top5_error'] is not None else 'n/a'
+        mark = ' (trained)' if row['steps'] == r['trained_steps'] else ''
+        lines.append(f'  {row["steps"]:>5}  {row["top1_error"]:>10.2f}%  {top5:>11}  '
+                     f'{row["flops_per_image"] / 1e6:>12,.2f}{mark}')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    """ `python -m timm_rc.eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json;
+    with --steps, a table per run, or a JSON list of one object per run (its per-k' rows under 'steps').
+    Bad input: one line on stderr and exit code 2. Returns the report(s) (for callers in Python). """
     try:
         import datasets
         datasets.disable_progress_bars()
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        report = _run_and_report(args)
+        if args.steps is None:
+            for option in ('bn_policy', 'plot'):
+                if getattr(args, option) is not None:
+                    raise UserError(f'--{option} applies to an evaluation over steps: add --steps, e.g. --steps 1,2,4')
+            if len(args.sources) > 1:
+                raise UserError(f'{len(args.sources)} runs given; evaluate one at a time, or several over steps with '
+                                f'--steps 1,2,4')
+            report = _run_and_report(args, args.sources[0] if args.sources else None)
+            print(json.dumps(report) if args.json else _table(report))
+            return report
+        steps = _parse_steps(args.steps)
+        reports = [_run_and_report(args, source, steps) for source in (args.sources or [None])]
+        if args.plot is not None:
+            from .plots import plot_steps
+            plot_steps(reports, args.plot)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2)
-    print(json.dumps(report) if args.json else _table(report))
-    return report
+    print(json.dumps(reports) if args.json else '\n'.join(map(_steps_table, reports)))
+    if args.plot is not None and not args.json:
+        print(f'plot: {args.plot}')
+    return reports
 
 
 if __name__ == '__main__':

@@ -2,13 +2,16 @@
 
     python -m timm_rc.plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4
     python -m timm_rc.plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2
+    python -m timm_rc.eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
 
 `bn`: for each RC cell, the first and second BN layer of every unrolling step: running mean, running
 variance, gamma and beta across channels, one curve per step (read from `bn_stats/epoch_N.safetensors`,
 the last epoch by default). `curves`: training loss and test error against epochs (from
 `metrics.jsonl`), one line per run. Every figure's title names the model (with its kwargs) and the run
 folder; epochs and channels get integer ticks. `bn_figures` and `curves_figure` return the matplotlib
-figures, `plot_bn` and `plot_curves` write them as PNG files.
+figures, `plot_bn` and `plot_curves` write them as PNG files. `steps_figure` / `plot_steps` draw the
+cost-adjustable inference of the extended version from `python -m timm_rc.eval --steps` reports: test
+error against FLOPs per image, one line per run, each point labelled with its k'.
 """
 import argparse
 import json
@@ -17,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['bn_figures', 'curves_figure', 'plot_bn', 'plot_curves', 'run_label']
+__all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label']
 
 STAT_TITLES = {'running_mean': 'running mean', 'running_var': 'running variance', 'weight': 'gamma',
                'bias': 'beta'}
@@ -136,6 +139,47 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _report_label(report: Dict) -> str:
+    source = report.get('source')
+    if source is not None and (Path(source) / 'run_config.json').is_file():
+        return run_label(Path(source))
+    kwargs = report.get('model_kwargs') or {}
+    model = report['model'] + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '')
+    return f'{model} ({source})' if source else f'{model} (untrained)'
+
+
+def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
+    """ Test error against FLOPs per image for k' unrolled steps, one line per run; `reports` are
+    `python -m timm_rc.eval --steps` reports (each with its per-k' rows under 'steps'). """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reports:
+        rows = sorted(r['steps'], key=lambda row: row['flops_per_image'])
+        flops = [row['flops_per_image'] / 1e6 for row in rows]
+        errors = [row['top1_error'] for row in rows]
+        line, = ax.plot(flops, errors, marker='o', label=f'{_report_label(r)}, bn_policy {r.get("bn_policy")}')
+        for x, y, row in zip(flops, errors, rows):
+            trained = row['steps'] == r.get('trained_steps')
+            ax.annotate(f"k'={row['steps']}" + ('*' if trained else ''), (x, y), textcoords='offset points',
+                        xytext=(4, 4), fontsize=7, color=line.get_color())
+    ax.set(xlabel='MFLOPs per image (one multiply-add = 2 FLOPs)', ylabel='test top-1 error (%)',
+           title="test error against cost: k' unrolled steps per cell (* trained k)")
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))  # below: the lines stay visible
+    fig.tight_layout()
+    return fig
+
+
+def plot_steps(reports: Sequence[Dict], out: Path) -> Path:
+    """ `steps_figure` as a PNG at `out`. """
+    plt = _pyplot()
+    fig = steps_figure(reports)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return out
 

@@ -21,6 +21,15 @@ Feature indices (`feature_info`, `forward_intermediates`, `features_only=True` w
 0 is the stem's output, 1..k the output of each unrolled step of cell 1, k+1..2k those of cell 2,
 so every step's features can be taken. `features_only=True` returns (0, k, 2k) by default: the stem
 and the output of each cell.
+
+Cost-adjustable inference (the extended version): `model.set_steps(k')` runs each cell k' steps (or
+`set_steps((k1, k2))` per cell), with the AvgPool before step floor(k'/2)+1, so the graph and its
+cost are exactly RC-k''s; `set_steps(model.steps)` gives back the trained network exactly. Which
+trained step's BN layers serve each executed step follows `bn_policy` (`timm_rc.step_map`).
+`bn_sharing='double'` (the extension's "double independent" BN) keeps cell 2's per-step BN layers
+once per step count of cell 1: a network trained with sampled step counts (the trainer's
+`sample_steps`) then normalises cell 2 with the statistics of the cell-1 depth that produced its
+input. In the state_dict, cell 2's step i for cell 1 run n steps is `cell2.steps.{(n - 1) * k + i}`.
 """
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
@@ -34,7 +43,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 from timm.models.resnet import BasicBlock
 
-from ..layers import BN_SHARING, InvertibleDownsample, Unrolled, unroll
+from ..layers import BN_POLICIES, BN_SHARING, InvertibleDownsample, Unrolled, unroll
 
 __all__ = ['RCNet', 'PreActBasicBlock']
 
@@ -44,6 +53,7 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 BLOCK_STYLES = ('preact', 'postact')
+RC_BN_SHARING = BN_SHARING + ('double',)
 
 
 class PreActBasicBlock(nn.Module):
@@ -98,13 +108,14 @@ class RCNet(nn.Module):
             bn_sharing: str = 'independent',
             share_weights: bool = True,
             width: int = 64,
-            block: str = 'preact',
+            block: str = 'postact',
             num_classes: int = 10,
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             drop_block_rate: float = 0.,
+            bn_policy: str = 'spread',
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             device=None,
@@ -113,10 +124,13 @@ class RCNet(nn.Module):
         """
         Args:
             steps: unrolled steps k of each cell (RC-k); the AvgPool sits before step floor(k/2)+1.
-            bn_sharing: BN layers of the cells per step: 'independent', 'shared' or 'none'.
+            bn_sharing: BN layers of the cells per step: 'independent', 'shared', 'none', or 'double'
+                (independent, and cell 2's also per step count of cell 1: the extension's double
+                independent BN, for networks trained with sampled step counts).
             share_weights: False gives every step its own weights (the paper's ResNet-10/18).
             width: channels of the first cell; the second cell has 4x as many.
-            block: 'preact' (BN-ReLU-conv x2, the default) or 'postact' (conv-BN-ReLU, timm's BasicBlock).
+            block: 'postact' (timm's BasicBlock: conv-BN-ReLU-conv-BN, add, ReLU; the default, chosen by
+                experiment, README) or 'preact' (BN-ReLU-conv x2 + x, He et al. 2016).
             num_classes: classifier outputs, 0 for none.
             in_chans: input channels.
             global_pool: timm global pool type ('' for none).
@@ -124,14 +138,19 @@ class RCNet(nn.Module):
             drop_path_rate: stochastic depth: each unrolled step drops its residual branch with a rate
                 growing linearly over the 2k steps of both cells, from 0 to drop_path_rate (timm's rule).
             drop_block_rate: only 0 (DropBlock is not implemented; accepted because timm passes it).
+            bn_policy: `set_steps`'s default rule for which trained step's BN layers serve each of k'
+                executed steps: 'spread' or 'first' (`timm_rc.step_map`); trained with sampled step
+                counts, a network runs every k' it was trained at with 'first'.
             act_layer: activation class or timm name ('relu', 'silu', ...).
             norm_layer: norm class of the stem and the blocks, or timm name ('batchnorm2d', ...).
         """
         super().__init__()
         if block not in BLOCK_STYLES:
             raise ValueError(f'unknown block {block!r}; valid values: {", ".join(map(repr, BLOCK_STYLES))}')
-        if bn_sharing not in BN_SHARING:
-            raise ValueError(f'unknown bn_sharing {bn_sharing!r}; valid values: {", ".join(map(repr, BN_SHARING))}')
+        if bn_sharing not in RC_BN_SHARING:
+            raise ValueError(f'unknown bn_sharing {bn_sharing!r}; valid values: {", ".join(map(repr, RC_BN_SHARING))}')
+        if bn_policy not in BN_POLICIES:
+            raise ValueError(f'unknown bn_policy {bn_policy!r}; valid values: {", ".join(map(repr, BN_POLICIES))}')
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f'steps must be an int >= 1, got {steps!r}')
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -155,7 +174,10 @@ class RCNet(nn.Module):
         self.drop_path_rate = drop_path_rate
         self.steps = steps
         self.bn_sharing = bn_sharing
+        self.bn_policy = bn_policy
         self.share_weights = share_weights
+        self.block = block  # timm's save_for_hf records it in config.json (the default changed in 0.2.0)
+        self.width = width
 
         self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False, **dd)
         self.bn1 = norm_layer(width, **dd)
@@ -164,31 +186,64 @@ class RCNet(nn.Module):
         # timm's stochastic depth rule: rate i / (n - 1) * drop_path_rate over all n = 2k steps
         dpr = [drop_path_rate * i / (2 * steps - 1) for i in range(2 * steps)]
 
-        def cell(channels, rates):
+        def cell(channels, rates, bn_groups=1):
             return unroll(
                 _make_block(block, channels, act_layer, norm_layer, dd),
                 steps,
-                bn_sharing=bn_sharing,
+                bn_sharing='independent' if bn_sharing == 'double' else bn_sharing,
                 share_weights=share_weights,
                 before_step={steps // 2: nn.AvgPool2d(2)},
                 drop_path=rates if drop_path_rate > 0 else None,
+                bn_groups=bn_groups,
             )
 
         self.cell1 = cell(width, dpr[:steps])
         self.downsample = InvertibleDownsample(2)
-        self.cell2 = cell(4 * width, dpr[steps:])
+        # double independent BN: one group of per-step BN layers per step count of cell 1
+        self.cell2 = cell(4 * width, dpr[steps:], bn_groups=steps if bn_sharing == 'double' else 1)
         self.num_features = 4 * width
-        # one entry per feature index: the stem, then every step of cell 1 and of cell 2 (the
-        # AvgPool before step k // 2 halves the resolution inside each cell); a cell's last step is
-        # the cell's output, named by the cell, so that the hook and list extractors find it too
-        self.feature_info = [dict(num_chs=width, reduction=1, module='act1')]
-        for name, chs, reduction in (('cell1', width, 1), ('cell2', 4 * width, 4)):
-            self.feature_info += [
-                dict(num_chs=chs, reduction=reduction * (2 if i >= steps // 2 else 1),
-                     module=name if i == steps - 1 else f'{name}.steps.{i}')
-                for i in range(steps)]
+        self.set_steps(steps)
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def set_steps(self, steps: Union[int, Tuple[int, int]], bn_policy: Optional[str] = None) -> 'RCNet':
+        """ Run each cell `steps` (k') unrolled steps from now on, or (k1, k2) for cell 1 and cell 2.
+
+        The AvgPool of a cell run k' steps sits before its step floor(k'/2)+1, so the graph and its
+        FLOPs are exactly those of the network built with `steps=k'`; `set_steps(self.steps)` gives
+        back the trained network exactly. Executed step j runs the trained step that `bn_policy`
+        (default: the model's `bn_policy`) names, see `timm_rc.step_map`; with double BN, cell 2
+        uses the BN group of cell 1's step count (the largest one trained when k1 is larger) with
+        'first' (a group holds the BN layers of the step counts it was trained at). A network with unshared weights runs at most `self.steps` steps. `feature_info` follows (one
+        entry per executed step; hook-based feature extractors need the trained steps). Returns self.
+        """
+        pair = (steps, steps) if isinstance(steps, int) and not isinstance(steps, bool) else tuple(steps)
+        if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pair):
+            raise ValueError(f'set_steps() takes an int >= 1 (both cells) or a pair (cell 1, cell 2), got {steps!r}')
+        if not self.share_weights and max(pair) > self.steps:
+            raise ValueError(f'this network has unshared weights for {self.steps} steps per cell and cannot run '
+                             f'{max(pair)}: every step needs its own weights; run at most {self.steps} steps')
+        if not (isinstance(self.cell1, Unrolled) and isinstance(self.cell2, Unrolled)):
+            raise ValueError('set_steps() needs both cells; prune_intermediate_layers() removed one')
+        policy = self.bn_policy if bn_policy is None else bn_policy
+        k1, k2 = pair
+        self.cell1.set_steps(k1, policy, before_step={k1 // 2: self.steps // 2})
+        group = min(k1, self.steps) - 1 if self.bn_sharing == 'double' else 0
+        self.cell2.set_steps(k2, 'first' if self.bn_sharing == 'double' else policy, group=group,
+                             before_step={k2 // 2: self.steps // 2})
+        self.active_steps = pair
+        # one entry per feature index: the stem, then every executed step of cell 1 and of cell 2
+        # (the AvgPool before step k // 2 halves the resolution inside each cell); a cell's last
+        # step is the cell's output, named by the cell, so that the hook and list extractors find it
+        width = self.width
+        self.feature_info = [dict(num_chs=width, reduction=1, module='act1')]
+        for name, chs, reduction, k in (('cell1', width, 1, k1), ('cell2', 4 * width, 4, k2)):
+            cell = getattr(self, name)
+            self.feature_info += [
+                dict(num_chs=chs, reduction=reduction * (2 if j >= k // 2 else 1),
+                     module=name if j == k - 1 else f'{name}.steps.{cell.plan[j][1]}')
+                for j in range(k)]
+        return self
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -243,10 +298,12 @@ class RCNet(nn.Module):
             if name == 'cell2':
                 x = self.downsample(x)
             if isinstance(cell, Unrolled):
-                for pre, step in zip(cell.before_step, cell.steps):
+                for pres, step in cell.executed():
                     if stop_early and feat_idx >= max_index:
                         break
-                    x = step(pre(x))
+                    for pre in pres:
+                        x = pre(x)
+                    x = step(x)
                     feat_idx += 1
                     if feat_idx in take_indices:
                         intermediates.append(x)
@@ -261,6 +318,10 @@ class RCNet(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """ Drop the steps (and cells) after the last feature index in `indices`; returns the indices. """
+        if self.active_steps != (self.steps, self.steps) or self.bn_sharing == 'double':
+            raise ValueError(f'prune_intermediate_layers() works on the trained graph with single BN groups; this '
+                             f'network runs {self.active_steps} steps (bn_sharing {self.bn_sharing!r}): '
+                             f'set_steps({self.steps}) first')
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         steps = self.steps
         if max_index <= steps:  # nothing of cell 2 is needed
@@ -303,6 +364,7 @@ def _keep_steps(model: RCNet, name: str, n: int) -> None:
     else:
         cell.steps = nn.ModuleList(list(cell.steps)[:n])
         cell.before_step = nn.ModuleList(list(cell.before_step)[:n])
+        cell.set_steps(n, 'first')
 
 
 def _check_pretrained_source(variant: str, kwargs: Dict[str, Any]) -> None:

@@ -30,6 +30,8 @@ class TrainConfig:
     # --- model -----------------------------------------------------------------------------------
     model: str = 'rc4_cifar'  # any timm name; '.cifar100' tag for CIFAR-100's head and statistics
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    sample_steps: Optional[List[int]] = None  # [min, max]: unrolled steps k' per cell drawn per batch (RC models; built with steps=max)
+    sample_steps_cells: str = 'same'  # with sample_steps: 'same' (one k' for both cells) or 'independent' (one per cell)
     # --- data ------------------------------------------------------------------------------------
     dataset: str = 'cifar10'  # 'cifar10', 'cifar100' or a Hugging Face hub id
     data_dir: Optional[str] = None  # local folder in the hub's parquet schema (no network needed)
@@ -82,6 +84,7 @@ class TrainConfig:
 
 CHOICES = {
     'loader': ('auto', 'gpu', 'dataloader'),
+    'sample_steps_cells': ('same', 'independent'),
     'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
 }
 TRACKERS = ('wandb', 'tensorboard', 'none')
@@ -212,6 +215,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f'config key \'lr\' must be > 0, got {cfg.lr}')
     if cfg.clip_grad_value is not None and cfg.clip_grad_value <= 0:
         raise UserError('config key \'clip_grad_value\' must be > 0, or null to turn clipping off')
+    if cfg.sample_steps is not None and (len(cfg.sample_steps) != 2 or not 1 <= cfg.sample_steps[0] <= cfg.sample_steps[1]):
+        raise UserError(f'config key \'sample_steps\' takes [min, max] with 1 <= min <= max (e.g. 1,8), or null; '
+                        f'got {cfg.sample_steps}')
 
 
 def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:

@@ -3,11 +3,22 @@
 Order as in Accelerate's examples: Accelerator, seed, data, model, optimizer, scheduler, prepare,
 loop (backward, clip, step), evaluation with gather_for_metrics, log, save_state, end_training.
 One GPU, several GPUs and several machines run the same code (`accelerate launch`).
+
+`sample_steps: [lo, hi]` trains one RC network for every step count k' in [lo, hi] (the extended
+version's cost-adjustable RC): the model is built with BN layers for hi steps (`steps=hi`, and
+`bn_policy='first'`, so that k' steps run the BN layers of steps 1..k' they were trained with), and
+every batch runs k' steps per cell, drawn from a generator seeded by (seed, global step): every
+process draws the same k' without communicating, and a resumed run replays the same draws.
+`sample_steps_cells: same` draws one k' for both cells (the k'-step graphs that
+`python -m timm_rc.eval --steps` evaluates), `independent` one per cell. The test error of each epoch
+is measured at hi steps; metrics.jsonl records each process's draws (`train/steps_drawn`).
 """
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +35,7 @@ from .config import TrainConfig, UserError, config_help, load_config, paper_epoc
 from .data import BatchedTensorDataset, GpuBatches, augment, collate_batch, epoch_generator, load_image_splits, \
     normalize
 
-__all__ = ['main', 'train', 'Diverged', 'reset_accelerate_state']
+__all__ = ['main', 'train', 'Diverged', 'reset_accelerate_state', 'draw_steps']
 
 
 class Diverged(Exception):
@@ -90,6 +101,26 @@ def _library_versions() -> Dict[str, str]:
                 datasets=datasets.__version__, timm_rc=timm_rc.__version__, python=sys.version.split()[0])
 
 
+def draw_steps(seed: int, global_step: int, low: int, high: int, cells: int = 1) -> List[int]:
+    """ The unrolled steps k' (one per cell, or one for both) of the batch at `global_step` (0-based):
+    uniform in [low, high], a pure function of (seed, global_step), so every process draws the same
+    value without communicating and a resumed run replays the same draws. """
+    g = torch.Generator().manual_seed((seed * 1_000_003 + global_step) * 1_013 + 11)
+    return torch.randint(low, high + 1, (cells,), generator=g).tolist()
+
+
+def _sampled_model_kwargs(cfg: TrainConfig) -> None:
+    """ sample_steps [lo, hi]: the model gets BN layers for hi steps, and runs k' steps with the BN
+    layers of steps 1..k' ('first'), the ones sampled training trains for k'. """
+    if cfg.sample_steps is None:
+        return
+    high = cfg.sample_steps[1]
+    if cfg.model_kwargs.get('steps', high) != high:
+        raise UserError(f'sample_steps {cfg.sample_steps} builds the model with BN layers for its largest count, '
+                        f'steps={high}, but model_kwargs sets steps={cfg.model_kwargs["steps"]}; drop it or set {high}')
+    cfg.model_kwargs = {**cfg.model_kwargs, 'steps': high, 'bn_policy': cfg.model_kwargs.get('bn_policy', 'first')}
+
+
 def _create_model(cfg: TrainConfig) -> nn.Module:
     import timm
     import timm_rc  # noqa: F401  registers the RC models
@@ -98,9 +129,18 @@ def _create_model(cfg: TrainConfig) -> nn.Module:
         close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
         raise UserError(f'unknown model {cfg.model!r}; similar names: {", ".join(close)}')
     try:
-        return timm.create_model(cfg.model, **cfg.model_kwargs)
+        model = timm.create_model(cfg.model, **cfg.model_kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f'cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}') from None
+        hint = (' (sample_steps needs an RC network that can change its step count, e.g. rc4_cifar)'
+                if cfg.sample_steps is not None else '')
+        raise UserError(f'cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}{hint}') from None
+    if cfg.sample_steps is not None and not callable(getattr(model, 'set_steps', None)):
+        raise UserError(f'sample_steps needs an RC network that can change its step count (set_steps, e.g. '
+                        f'rc4_cifar); {cfg.model} cannot')
+    if getattr(model, 'bn_sharing', None) == 'double' and cfg.sample_steps is None:
+        raise UserError("bn_sharing 'double' keeps cell 2's BN layers per step count of cell 1, which only varies "
+                        "when the step counts are sampled: add --sample_steps MIN,MAX (e.g. 1,4)")
+    return model
 
 
 def _trackers(cfg: TrainConfig, out: Path) -> Tuple[List[str], Optional[str], Optional[str]]:
@@ -223,7 +263,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import TorchDynamoPlugin, set_seed
     from tqdm.auto import tqdm
 
@@ -245,6 +285,8 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         step_scheduler_with_optimizer=False,  # the schedule below counts global optimizer steps
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=cfg.compile_mode) if cfg.compile else None,
+        # with sampled step counts the BN layers of the steps not run get no gradient in that batch
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.sample_steps else None,
     )
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -279,6 +321,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     resume_from = run_on_main(accelerator, claim_output_dir)  # the other processes wait for the verdict
     resume_from = None if resume_from is None else Path(resume_from)
 
+    _sampled_model_kwargs(cfg)
     set_seed(cfg.seed)  # the same initial weights on every process
     train_split, test_split, num_classes, _ = load_image_splits(
         cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples)
@@ -363,8 +406,13 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
                           f'(batch {global_batch} over {world} process{"es" * (world > 1)}), loader {loader}, '
                           f'{precision}, {len(train_split)}/{len(test_split)} train/test examples')
 
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # set_steps acts on the wrapped model too
+    cells = 2 if cfg.sample_steps_cells == 'independent' else 1
+
     def evaluate():
         from ..eval import evaluate as evaluate_model  # the one evaluation, shared with `python -m timm_rc.eval`
+        if cfg.sample_steps is not None:
+            net.set_steps(net.steps)  # the largest k' sampled
         return evaluate_model(model, eval_loader, mean=mean, std=std, channels_last=channels_last,
                               num_classes=num_classes, accelerator=accelerator)
 
@@ -381,6 +429,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = steps = 0
+        drawn = []  # this epoch's k' draws (sample_steps)
         host = HostScalars(device)
         bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{epochs}', dynamic_ncols=True,
                    disable=not accelerator.is_local_main_process, leave=True)
@@ -389,6 +438,10 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
             if cfg.compile:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
             x = normalize(augment(images, gen), mean, std, channels_last)
+            if cfg.sample_steps is not None:
+                k = draw_steps(cfg.seed, state['global_step'], *cfg.sample_steps, cells)
+                net.set_steps(k[0] if cells == 1 else tuple(k))
+                drawn.append(k)
             logits = model(x)
             loss = criterion(logits.float(), labels)
             accelerator.backward(loss)
@@ -422,6 +475,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
                 break
         # epoch end: the one host sync of the epoch
         totals = accelerator.reduce(torch.stack([loss_sum, correct.float()]), reduction='sum')
+        steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
         train_loss = totals[0].item() / (steps * world)
         train_acc = totals[1].item() / (seen * world)
         epoch_time = time.time() - t0
@@ -456,8 +510,11 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
             bn_file = out / 'bn_stats' / f'epoch_{epoch + 1:04d}.safetensors'
             with writing('BN statistics', bn_file, ckpt_dir):
                 save_bn_stats(bn, bn_file)
+            line = {k: v for k, v in metrics.items() if not k.startswith('bn/')}
+            if steps_drawn is not None:  # a list per process: not a tracker scalar, metrics.jsonl only
+                line['train/steps_drawn'] = steps_drawn
             with writing('metrics', metrics_file, ckpt_dir), open(metrics_file, 'a') as f:
-                f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith('bn/')}) + '\n')
+                f.write(json.dumps(line) + '\n')
         accelerator.print(f'epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {100 * train_acc:.2f}% | '
                           f'test top-1 error {test_err:.2f}% | {images / epoch_time:.0f} img/s')
         summary = dict(
@@ -491,6 +548,18 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     return summary
 
 
+def _gather_draws(accelerator, drawn: List[List[int]], cells: int) -> List[list]:
+    """ Every process's k' draws of the epoch (one list per process, ints or [k1, k2] pairs); they must
+    agree, since DDP needs the same graph on every process. """
+    draws = torch.tensor(drawn, dtype=torch.int64, device=accelerator.device).reshape(-1, cells)
+    per_process = accelerator.gather(draws[None]).reshape(accelerator.num_processes, -1, cells).cpu()
+    differ = (per_process != per_process[0]).any(-1).any(0).nonzero()
+    if len(differ):
+        raise RuntimeError(f'the processes drew different step counts at batch {differ[0].item()} of this epoch: '
+                           f'{per_process[:, differ[0].item()].tolist()}')
+    return [[row[0] if cells == 1 else row for row in p] for p in per_process.tolist()]
+
+
 def _log_model_artifact(run, out: Path, summary: Dict[str, Any]) -> None:
     """ The trained model (model.safetensors + timm's config.json) as a W&B model artifact. """
     import re
@@ -511,13 +580,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """ Console entry point: `timm-rc-train` / `python train.py` / `accelerate launch train.py`.
 
     User errors print one line (from the main process only) and exit with code 2; a diverged run exits
-    with 3; Ctrl-C says where the newest complete checkpoint is and exits with 130.
+    with 3; Ctrl-C or SIGTERM says where the newest complete checkpoint is and exits with 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(config_help())
         return
     cfg = None
+
+    def stop(signum, frame):  # `kill PID` (SIGTERM, also a scheduler's) stops the run as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, stop)
     try:
         cfg = load_config(argv)
         train(cfg)
@@ -534,6 +609,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if _is_main_process():
             print(f'\ninterrupted. {_resume_hint(cfg, argv)}', file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_hint(cfg: Optional[TrainConfig], argv: Sequence[str]) -> str:
