@@ -18,11 +18,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 echo "== throughput (bf16, gpu-resident data, channels_last); best epoch after the first =="
 python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 512 --precision bf16 --epochs 3 \
-    2>&1 | tee "$LOGS/bench_eager.log" | grep -E '^(rc4_cifar |decode|device)'
+    2>&1 | tee "$LOGS/bench_eager.log" | grep -E '^(rc4_cifar +[0-9]|decode|device)'
 python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 512 --precision bf16 --epochs 3 --compile \
-    2>&1 | tee "$LOGS/bench_compile.log" | grep -E '^rc4_cifar '
+    2>&1 | tee "$LOGS/bench_compile.log" | grep -E '^rc4_cifar +[0-9]'
 python benchmarks/bench_train.py --data_dir "$DATA" --batch_sizes 128 --precision bf16 --epochs 3 --compile \
-    --compile_mode reduce-overhead 2>&1 | tee "$LOGS/bench_cudagraphs.log" | grep -E '^rc4_cifar '
+    --compile_mode reduce-overhead 2>&1 | tee "$LOGS/bench_cudagraphs.log" | grep -E '^rc4_cifar +[0-9]'
 
 echo "== 1, 2 and 4 training processes sharing the GPU (batch 128 each, bf16, eager): total images/s =="
 for n in 1 2 4; do
@@ -34,7 +34,7 @@ for n in 1 2 4; do
     python - "$n" "$LOGS"/share_"$n"_*.log <<'EOF'
 import sys
 rates = [float(line.split()[-1].replace(',', '')) for f in sys.argv[2:] for line in open(f)
-         if line.startswith('rc4_cifar ')]
+         if line.startswith('rc4_cifar ') and line.split()[1].isdigit()]
 print(f"{sys.argv[1]} process(es): {' + '.join(f'{r:,.0f}' for r in rates)} = {sum(rates):,.0f} images/s in total")
 EOF
 done

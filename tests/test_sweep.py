@@ -116,7 +116,7 @@ def test_the_grid_is_wandbs_grid():
 
 def test_shipped_sweep_files_pass_wandbs_schema():
     sweeps = pytest.importorskip('sweeps', reason='W&B\'s sweep schema: pip install "wandb[sweeps]"')
-    assert len(SHIPPED) == 5
+    assert len(SHIPPED) == 6  # table1/2 x cifar10/100, fast_rc_vs_plain, cpu_demo
     for path in SHIPPED:
         assert sweeps.schema_violations_from_proposed_config(yaml.safe_load(path.read_text())) == [], path.name
     assert sweeps.schema_violations_from_proposed_config(tiny_sweep(Path('/data'), [0, 1])) == []

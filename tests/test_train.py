@@ -109,6 +109,7 @@ def test_per_step_bn_stats_are_saved(tiny_run):
 
 
 def test_final_model_loads_in_timm_and_reproduces_the_test_error(tiny_run, tiny_data):
+    assert json.loads((tiny_run[0] / 'config.json').read_text())['model_args']['block'] == 'postact'  # recorded
     out, summary = tiny_run
     model = timm.create_model('rc4_cifar', width=4, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors'))).eval()
@@ -290,7 +291,8 @@ def test_benchmark_script_prints_its_table(tiny_data):
                         '--width', '4', '--batch_sizes', '16', '32', '--epochs', '2'],
                        env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = [line.split() for line in p.stdout.splitlines() if line.startswith('rc4_cifar ')]
+    rows = [line.split() for line in p.stdout.splitlines()
+            if line.startswith('rc4_cifar ') and line.split()[1].isdigit()]  # the table, not the trainer's lines
     assert [r[1] for r in rows] == ['16', '32'] and all(float(r[-1].replace(',', '')) > 0 for r in rows)
     assert 'decode: 136 images' in p.stdout
 
@@ -512,8 +514,10 @@ def test_settings_that_cannot_take_effect_on_the_cpu_are_errors(argv, message, t
 
 def test_sync_bn_with_cpu_processes_is_an_error():
     from timm_rc.train.loop import _check_device_settings
-    with pytest.raises(UserError, match='sync_bn needs CUDA processes'):
+    with pytest.raises(UserError, match='sync_bn needs CUDA processes .*these 2 processes run on the CPU'):
         _check_device_settings(TrainConfig(sync_bn=True), cuda=False, world=2, mixed_precision='no')
+    with pytest.raises(UserError, match='sync_bn needs CUDA processes .*this process runs on the CPU'):
+        _check_device_settings(TrainConfig(sync_bn=True), cuda=False, world=1, mixed_precision='no')
     _check_device_settings(TrainConfig(sync_bn=True), cuda=True, world=2, mixed_precision='bf16')
 
 
@@ -674,7 +678,11 @@ def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
 
 def test_cpu_demo_config_and_sweep(tiny_data, tmp_path, monkeypatch):
     from timm_rc.sweep import load_sweep, plan
-    monkeypatch.chdir(REPO)  # the sweep's paths are relative to the repository, as for `wandb agent`
+    # the sweep's paths are relative to the folder it runs from (the repository, as for `wandb agent`);
+    # a copy of that layout keeps the repository's own runs/ out of the test
+    for name in ('train_configs', 'train.py'):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
     runs = plan(load_sweep(REPO / 'train_configs' / 'sweeps' / 'cpu_demo.yaml'), 'cpu_demo')
     assert [r.command[-2:] for r in runs] == [['--config=train_configs/cpu_demo.yaml', '--model=rc1_cifar'],
                                               ['--config=train_configs/cpu_demo.yaml', '--model=rc4_cifar']]

@@ -180,9 +180,10 @@ def _check_device_settings(cfg: TrainConfig, cuda: bool, world: int, mixed_preci
     if not cuda and mixed_precision == 'fp16':
         raise UserError('mixed_precision fp16 needs a CUDA device (on the CPU Accelerate would run fp32 '
                         'without saying so); on the CPU use bf16 or no')
-    if cfg.sync_bn and world > 1 and not cuda:
-        raise UserError(f'sync_bn needs CUDA processes (SyncBatchNorm has no CPU implementation); these '
-                        f'{world} processes run on the CPU: drop --sync_bn')
+    if cfg.sync_bn and not cuda:
+        raise UserError(f'sync_bn needs CUDA processes (SyncBatchNorm has no CPU implementation); '
+                        f'{"these " + str(world) + " processes run" if world > 1 else "this process runs"} on the CPU: '
+                        f'drop --sync_bn')
     if cfg.compile_mode is not None and not cfg.compile:
         raise UserError(f'compile_mode {cfg.compile_mode!r} only applies with compile: true; add --compile true '
                         f'or drop compile_mode')
@@ -540,7 +541,9 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         from timm.models import save_for_hf
         final = accelerator.unwrap_model(model, keep_torch_compile=False).to(memory_format=torch.contiguous_format)
         with writing('the final model', out / 'model.safetensors', ckpt_dir):
-            save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs), safe_serialization=True)
+            # the block style is recorded even when it was the default (the default changed in 0.2.0)
+            block = {'block': final.block} if isinstance(getattr(final, 'block', None), str) else {}
+            save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs, **block), safe_serialization=True)
         accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
     if cfg.log_model and 'wandb' in trackers and accelerator.is_main_process:
         _log_model_artifact(accelerator.get_tracker('wandb', unwrap=True), out, summary)
@@ -603,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except Diverged as e:
         if _is_main_process():
             print(f'error: training diverged: {e}. Stopped before saving this epoch; the newest complete '
-                  f'checkpoint is untouched (resume with --resume, e.g. with a lower lr).', file=sys.stderr)
+                  f'checkpoint is untouched. Start again in a new output_dir with a lower lr or with clipping (a resumed run keeps its settings).', file=sys.stderr)
         raise SystemExit(3)
     except KeyboardInterrupt:
         if _is_main_process():
