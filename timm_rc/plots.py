@@ -132,15 +132,18 @@ def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
     return fig
 
 
-def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
-    """ Figure 2 as a PNG at `out`; see `curves_figure`. """
-    plt = _pyplot()
-    fig = curves_figure(run_dirs)
+def _save(fig, out: Path, **savefig_kwargs) -> Path:
+    """ Write a figure as a PNG (creating the folder) and free it. """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    fig.savefig(out, dpi=110, **savefig_kwargs)
+    _pyplot().close(fig)
     return out
+
+
+def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
+    """ Figure 2 as a PNG at `out`; see `curves_figure`. """
+    return _save(curves_figure(run_dirs), out)
 
 
 def _report_label(report: Dict) -> str:
@@ -175,13 +178,7 @@ def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
 
 def plot_steps(reports: Sequence[Dict], out: Path) -> Path:
     """ `steps_figure` as a PNG at `out`. """
-    plt = _pyplot()
-    fig = steps_figure(reports)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches='tight')
-    plt.close(fig)
-    return out
+    return _save(steps_figure(reports), out, bbox_inches='tight')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
