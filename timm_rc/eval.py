@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .train.config import UserError
-from .train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
+from .train.data import BatchedTensorDataset, ImageSplit, collate_batch, load_image_splits, normalize
 
 __all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'load_model', 'find_run', 'read_run',
-           'model_mean_std', 'main']
+           'model_mean_std', 'run_dataset', 'load_split', 'split_loader', 'main']
 
 WEIGHTS = 'model.safetensors'  # what the trainer (timm's save_for_hf) and accelerate's save_state write
 PRECISIONS = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -300,6 +300,16 @@ def _describe(name: str, kwargs: Dict[str, Any]) -> str:
     return f'{name} with model_kwargs {json.dumps(kwargs)}' if kwargs else name
 
 
+def _is_quantized(weights: Path) -> bool:
+    from safetensors import safe_open
+    from .compress import FORMAT
+    try:
+        with safe_open(str(weights), framework='pt') as f:
+            return (f.metadata() or {}).get('format') == FORMAT
+    except Exception:  # not a safetensors file: timm's loader says what it is
+        return False
+
+
 def load_model(
         source: Optional[Union[str, Path]] = None,
         model: Optional[str] = None,
@@ -312,6 +322,8 @@ def load_model(
       is built from its run_config.json. `model` builds that timm model instead, with the folder's weights.
     * `source` a weights file (model.safetensors, or a checkpoint's): needs `model` (and the
       `model_kwargs` it was trained with), unless the file lies in a run folder, whose model is then used.
+    * `source` a weight-quantized file (`python -m timm_rc.compress quantize`): its dequantized weights in
+      the model its metadata names, or in `model`.
     * no `source`: the timm model `model` as created (untrained, or timm's pretrained tag).
 
     Weights load strictly through timm (`timm.models.load_checkpoint`), so weights that do not fit are an
@@ -335,6 +347,9 @@ def load_model(
             hint = f'; the run is not finished: evaluate its newest checkpoint with {ckpts[-1]}'
         raise UserError(f'{source} holds no {WEIGHTS}; give a run folder written by the trainer (or timm\'s '
                         f'save_for_hf) or a weights file{hint}')
+    if weights.suffix == '.safetensors' and _is_quantized(weights):  # python -m timm_rc.compress quantize wrote it
+        from .compress import load_quantized
+        return load_quantized(weights, _create(model, kwargs) if model is not None else None)
     if model is None:
         kwargs = {**_legacy_block(path), **kwargs}
     if model is None and path.is_dir() and (path / 'config.json').is_file():
@@ -438,6 +453,36 @@ def _run_data_dir(run_dir: Path, run: Dict[str, Any]) -> Optional[str]:
                     f'here ({Path.cwd()}); pass --data_dir DIR')
 
 
+def run_dataset(run_dir: Optional[Path], dataset: Optional[str] = None,
+                data_dir: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """ (dataset, data_dir) to evaluate on: the ones given, else the run's (its data_dir resolved from
+    here), else cifar10 from the hub. """
+    run = read_run(run_dir) if run_dir is not None else {}
+    name = dataset or run.get('dataset') or 'cifar10'
+    if data_dir is not None:
+        return name, data_dir
+    if dataset is None and run_dir is not None:
+        return name, _run_data_dir(Path(run_dir), run)
+    return name, None
+
+
+def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: str = 'test',
+               max_samples: Optional[int] = None) -> Tuple[ImageSplit, int, Optional[List[str]]]:
+    """ One split of a dataset, decoded to uint8 tensors (its first `max_samples` examples), with the
+    dataset's class count and class names. """
+    if split not in ('train', 'test'):
+        raise UserError(f'split must be train or test, got {split!r}')
+    train, test, num_classes, class_names = load_image_splits(
+        dataset, data_dir, max_samples if split == 'train' else 1, max_samples if split == 'test' else 1)
+    return (test if split == 'test' else train), num_classes, class_names
+
+
+def split_loader(split: ImageSplit, batch_size: int, device: Union[str, torch.device] = 'cpu'):
+    """ The batches `evaluate` takes: (uint8 images, labels) in order, `batch_size` at a time. """
+    return torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
+                                       collate_fn=collate_batch, pin_memory=torch.device(device).type == 'cuda')
+
+
 def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = None) -> Dict[str, Any]:
     kwargs = _parse_kwargs(args.model_kwargs)
     for key in ('batch_size', 'max_samples'):
@@ -458,17 +503,9 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
         if args.bn_policy not in BN_POLICIES:
             raise UserError(f'--bn_policy must be one of {", ".join(BN_POLICIES)}; got {args.bn_policy!r}')
 
-    dataset = args.dataset or run.get('dataset') or 'cifar10'
-    if args.data_dir is not None:
-        data_dir = args.data_dir
-    elif args.dataset is None and run_dir is not None:
-        data_dir = _run_data_dir(run_dir, run)
-    else:
-        data_dir = None
+    dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
     limit = args.max_samples or (run.get('max_eval_samples') if args.split == 'test' else None)
-    train, test, num_classes, class_names = load_image_splits(
-        dataset, data_dir, limit if args.split == 'train' else 1, limit if args.split == 'test' else 1)
-    split = test if args.split == 'test' else train
+    split, num_classes, class_names = load_split(dataset, data_dir, args.split, limit)
     if net.num_classes != num_classes:
         raise UserError(
             f'the model has a {net.num_classes}-class head but {data_dir or dataset} has {num_classes} classes; '
@@ -482,8 +519,7 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
     net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
-                                         collate_fn=collate_batch, pin_memory=device.type == 'cuda')
+    loader = split_loader(split, batch_size, device)
     common = dict(
         source=source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
         model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
