@@ -2,10 +2,12 @@
 
 `import timm_rc` registers the RC models with timm (`timm.create_model('rc4_cifar')`) and exposes
 `unroll`, the wrapper that turns any shape-preserving residual block into a weight-shared recurrent one,
+`convert_to_rc`, which does it for every run of identical blocks of a built network,
 and `flops_per_image` (the cost axis of cost-adjustable inference, `RCNet.set_steps`).
 """
 from .layers import BN_POLICIES, BN_SHARING, InvertibleDownsample, Unrolled, step_map, unroll
 from .models import PreActBasicBlock, RCNet
+from .convert import RCConversion, convert_to_rc, find_runs
 
 __version__ = '0.2.0'
 

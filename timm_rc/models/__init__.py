@@ -1,1 +1,2 @@
 from .rc_cifar import *
+from .rc_timm import *
