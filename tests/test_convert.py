@@ -1,5 +1,6 @@
 """ `timm_rc.convert_to_rc` on timm's, torchvision's and timm_rc's networks, and the registered rc_* families. """
 import copy
+import json
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_rc
+import timm_rc.eval
 from timm_rc import Unrolled, convert_to_rc, find_runs
 
 # (params before, after) by the rule: total minus the non-BN parameters of every block of a run after its first
@@ -245,3 +247,51 @@ def test_timm_contract_of_the_families(name):
     outs = features(x)
     assert [o.shape[1] for o in outs] == features.feature_info.channels()
     assert params(features) < params(timm.create_model(name.removeprefix('rc_'), features_only=True))
+
+
+# ---- python -m timm_rc.convert -----------------------------------------------------------------
+
+
+def convert_cli(argv, capsys):
+    from timm_rc.convert import main
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, monkeypatch):
+    """ The user's path: train the ResNet-18 graph, convert it to RC-4, fine-tune from the converted file. """
+    from test_train import make_parquet, run
+    monkeypatch.chdir(tmp_path)
+    make_parquet(tmp_path / 'data')
+    common = ['--data_dir', 'data', '--epochs', '1', '--batch_size', '16', '--log_with', 'none']
+    run(['--model', 'rc4_unshared_cifar', '--model_kwargs', '{"width": 4}', '--output_dir', 'runs/r18', *common])
+    code, out, err = convert_cli(['runs/r18', '--output', 'converted/rc4.safetensors'], capsys)
+    assert code == 0, err
+    assert 'cell1  blocks steps.0..steps.3 4 x BasicBlock' in out and 'wrote converted/rc4.safetensors' in out
+    assert "--model rc4_cifar --model_kwargs '{\"width\": 4, \"pretrained\": true" in out
+    rc4 = timm.create_model('rc4_cifar', width=4, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / 'converted/rc4.safetensors')))
+    plain = timm_rc.eval.load_model(tmp_path / 'runs/r18').eval()
+    assert torch.equal(rc4.cell2.steps[3].conv1.weight, plain.cell2.steps[0].conv1.weight)
+    assert torch.equal(rc4.cell2.steps[3].bn1.running_mean, plain.cell2.steps[3].bn1.running_mean)
+    kwargs = json.dumps({'width': 4, 'pretrained': True, 'pretrained_cfg_overlay': {'file': 'converted/rc4.safetensors'}})
+    summary = run(['--model', 'rc4_cifar', '--model_kwargs', kwargs, '--output_dir', 'runs/ft', *common])
+    assert summary['params'] == 5_502
+    # the finished run loads without the file it started from
+    (tmp_path / 'converted/rc4.safetensors').unlink()
+    assert 'pretrained' not in json.loads((tmp_path / 'runs/ft/config.json').read_text())['model_args']
+    from timm_rc.eval import main as eval_main
+    assert eval_main(['runs/ft'])['top1_error'] == summary['test_top1_error']
+    # nothing left to share: one line, exit 2, nothing written
+    code, out, err = convert_cli(['runs/ft', '--output', 'again.safetensors'], capsys)
+    assert code == 2 and 'nothing to share (5,502 params)' in err and not (tmp_path / 'again.safetensors').exists()
+    code, out, err = convert_cli(['runs/r18', '--output', 'runs/r18/model.safetensors'], capsys)
+    assert code == 2 and "is the source's own weights" in err
+    code, out, err = convert_cli(['runs/r18', '--output', 'x.safetensors', '--bn_sharing', 'double'], capsys)
+    assert code == 2 and '--bn_sharing must be one of independent, shared, none' in err

@@ -7,7 +7,7 @@ and `flops_per_image` (the cost axis of cost-adjustable inference, `RCNet.set_st
 """
 from .layers import BN_POLICIES, BN_SHARING, InvertibleDownsample, Unrolled, step_map, unroll
 from .models import PreActBasicBlock, RCNet
-from .convert import RCConversion, convert_to_rc, find_runs
+from .conversion import RCConversion, convert_to_rc, find_runs
 
 __version__ = '0.2.0'
 

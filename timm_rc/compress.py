@@ -579,7 +579,9 @@ def _load(spec: str, kwargs: Optional[Dict[str, Any]]):
         run_dir = find_run(path)
         run = read_run(run_dir) if run_dir is not None else {}
         name = run.get('model') or net.pretrained_cfg.get('architecture')
-        return net, run_dir, name, {**run.get('model_kwargs', {}), **_legacy_block(path)}
+        from .train.loop import INIT_KWARGS  # where the run's starting weights came from is not the model
+        kwargs = {k: v for k, v in run.get('model_kwargs', {}).items() if k not in INIT_KWARGS}
+        return net, run_dir, name, {**kwargs, **_legacy_block(path)}
     if '/' in spec or spec.startswith('.'):
         raise UserError(f'{spec} does not exist; give a run folder or a registered model name (e.g. rc4_cifar)')
     return _create(spec, dict(kwargs or {})).eval(), None, spec, dict(kwargs or {})

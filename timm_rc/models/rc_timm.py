@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 from timm.models import generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg, register_model
 
-from ..convert import convert_to_rc
+from ..conversion import convert_to_rc
 from ..layers.unroll import DEFAULT_BN_POLICY
 
 __all__ = ['RC_FAMILIES']

@@ -109,6 +109,9 @@ def draw_steps(seed: int, global_step: int, low: int, high: int, cells: int = 1)
     return torch.randint(low, high + 1, (cells,), generator=g).tolist()
 
 
+INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+
+
 def _sampled_model_kwargs(cfg: TrainConfig) -> None:
     """ sample_steps [lo, hi]: the model gets BN layers for hi steps, and runs k' steps with the BN
     layers of steps 1..k' ('first'), the ones sampled training trains for k'. """
@@ -543,7 +546,10 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         with writing('the final model', out / 'model.safetensors', ckpt_dir):
             # the block style is recorded even when it was the default (the default changed in 0.2.0)
             block = {'block': final.block} if isinstance(getattr(final, 'block', None), str) else {}
-            save_for_hf(final, str(out), model_args=dict(cfg.model_kwargs, **block), safe_serialization=True)
+            # where the starting weights came from is not part of the architecture: a run folder must load
+            # without the file it was initialised from (e.g. a converted network, python -m timm_rc.convert)
+            args = {k: v for k, v in cfg.model_kwargs.items() if k not in INIT_KWARGS}
+            save_for_hf(final, str(out), model_args=dict(args, **block), safe_serialization=True)
         accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
     if cfg.log_model and 'wandb' in trackers and accelerator.is_main_process:
         _log_model_artifact(accelerator.get_tracker('wandb', unwrap=True), out, summary)
