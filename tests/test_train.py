@@ -333,7 +333,7 @@ def test_wandb_goes_offline_without_an_api_key(tiny_data, tmp_path):
     (['--epochz', '3'], "unknown config key 'epochz' in the command line; valid keys: batch_size,"),
     (['--epochs', 'three'], "config key 'epochs' needs a value of type int, got 'three'"),
     (['--lr', 'fast'], "config key 'lr' needs a value of type float, got 'fast'"),
-    (['--loader', 'fastest'], "config key 'loader' must be one of auto, gpu, dataloader; got 'fastest'"),
+    (['--loader', 'fastest'], "config key 'loader' must be one of auto, gpu, dataloader, timm; got 'fastest'"),
     (['--log_with', 'mlflow'], "config key 'log_with' takes wandb, tensorboard, none"),
     (['--model_kwargs', '[1, 2]'], "config key 'model_kwargs' needs a value of type"),
     (['--batch_size', '0'], "config key 'batch_size' must be >= 1, got 0"),

@@ -592,8 +592,10 @@ def _evaluator(run_dir: Optional[Path], args, model: nn.Module):
     from .eval import evaluate, load_split, model_mean_std, run_dataset, split_loader
     if run_dir is None and args.data_dir is None and args.dataset is None:
         return None
+    from .eval import read_run
     dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
-    split, num_classes, _ = load_split(dataset, data_dir, 'test', args.max_samples)
+    loader = read_run(run_dir).get('loader') if run_dir is not None else None
+    split, num_classes, _ = load_split(dataset, data_dir, 'test', args.max_samples, model, loader)
     if model.num_classes != num_classes:
         raise UserError(f'the model has a {model.num_classes}-class head but {data_dir or dataset} has {num_classes} '
                         f'classes; give the dataset it was trained on (--dataset / --data_dir)')
@@ -689,11 +691,14 @@ def int8_run(args) -> Dict[str, Any]:
     from .train.data import normalize
     _positive(args, 'calibration_batches', 'batch_size', 'max_samples')
     net, run_dir, name, model_kwargs = _load(args.run, None)
+    from .eval import read_run, split_loader
     dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
-    train, _, _ = load_split(dataset, data_dir, 'train', args.calibration_batches * args.batch_size)
+    loader = read_run(run_dir).get('loader') if run_dir is not None else None
+    train, _, _ = load_split(dataset, data_dir, 'train', args.calibration_batches * args.batch_size, net, loader)
     mean, std = model_mean_std(net)
-    images = normalize(train.images, mean, std)
-    batches = list(images.split(args.batch_size))
+    # calibration on training images, as the model sees them at test time (no augmentation)
+    batches = [x if x.is_floating_point() else normalize(x, mean, std) for x, _ in split_loader(train, args.batch_size)]
+    images = torch.cat(batches)
     int8 = static_int8(net, batches, compile=not args.no_compile)
     evaluate_fn = _evaluator(run_dir, args, net)
     input_size = net.pretrained_cfg['input_size']

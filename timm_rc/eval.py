@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .train.config import UserError
-from .train.data import BatchedTensorDataset, ImageSplit, collate_batch, load_image_splits, normalize
+from .train.data import BatchedTensorDataset, ImageSplit, TimmImageDataset, collate_batch, decode_split, \
+    load_dataset_splits, normalize, small_uniform_images, timm_transforms
 
 __all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'load_model', 'find_run', 'read_run',
            'model_mean_std', 'run_dataset', 'load_split', 'split_loader', 'main']
@@ -107,7 +108,11 @@ def evaluate(
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(normalize(images, mean, std, channels_last))
+                if images.is_floating_point():  # timm's pipeline normalised them already
+                    x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+                else:
+                    x = normalize(images, mean, std, channels_last)
+                logits = model(x)
             if counts is None:
                 num_classes = num_classes or logits.shape[-1]
                 counts = torch.zeros(2, num_classes, dtype=torch.int64, device=device)  # examples, correct
@@ -467,20 +472,35 @@ def run_dataset(run_dir: Optional[Path], dataset: Optional[str] = None,
 
 
 def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: str = 'test',
-               max_samples: Optional[int] = None) -> Tuple[ImageSplit, int, Optional[List[str]]]:
-    """ One split of a dataset, decoded to uint8 tensors (its first `max_samples` examples), with the
-    dataset's class count and class names. """
+               max_samples: Optional[int] = None, model: Optional[nn.Module] = None, loader: Optional[str] = None,
+               ) -> Tuple[Union[ImageSplit, TimmImageDataset], int, Optional[List[str]]]:
+    """ One split of a dataset (its first `max_samples` examples) with the dataset's class count and class
+    names: CIFAR-sized images decoded to uint8 tensors (an `ImageSplit`), other images (or `loader='timm'`,
+    as the run was trained) as a `TimmImageDataset` with timm's evaluation transform for `model`. """
     if split not in ('train', 'test'):
         raise UserError(f'split must be train or test, got {split!r}')
-    train, test, num_classes, class_names = load_image_splits(
-        dataset, data_dir, max_samples if split == 'train' else 1, max_samples if split == 'test' else 1)
-    return (test if split == 'test' else train), num_classes, class_names
+    train, test, image_col, label_col, num_classes, class_names = load_dataset_splits(dataset, data_dir)
+    chosen = test if split == 'test' else train
+    if loader == 'timm' or (loader in (None, 'auto') and not small_uniform_images(train, image_col)):
+        if model is None:
+            raise UserError(f'{data_dir or dataset} needs timm\'s data pipeline (images of any size), which needs the model')
+        in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
+        return TimmImageDataset(chosen, image_col, label_col, timm_transforms(model)[1], in_chans, max_samples), \
+            num_classes, class_names
+    return decode_split(chosen, image_col, label_col, max_samples, f'dataset {data_dir or dataset}'), num_classes, \
+        class_names
 
 
-def split_loader(split: ImageSplit, batch_size: int, device: Union[str, torch.device] = 'cpu'):
-    """ The batches `evaluate` takes: (uint8 images, labels) in order, `batch_size` at a time. """
+def split_loader(split: Union[ImageSplit, TimmImageDataset], batch_size: int, device: Union[str, torch.device] = 'cpu',
+                 num_workers: int = 0):
+    """ The batches `evaluate` takes, in order, `batch_size` at a time: (uint8 images, labels) of an
+    `ImageSplit`, (normalised float images, labels) of a `TimmImageDataset`. """
+    pin = torch.device(device).type == 'cuda'
+    if isinstance(split, TimmImageDataset):
+        return torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                           pin_memory=pin)
     return torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
-                                       collate_fn=collate_batch, pin_memory=torch.device(device).type == 'cuda')
+                                       collate_fn=collate_batch, pin_memory=pin)
 
 
 def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = None) -> Dict[str, Any]:
@@ -505,7 +525,7 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
 
     dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
     limit = args.max_samples or (run.get('max_eval_samples') if args.split == 'test' else None)
-    split, num_classes, class_names = load_split(dataset, data_dir, args.split, limit)
+    split, num_classes, class_names = load_split(dataset, data_dir, args.split, limit, net, run.get('loader'))
     if net.num_classes != num_classes:
         raise UserError(
             f'the model has a {net.num_classes}-class head but {data_dir or dataset} has {num_classes} classes; '

@@ -37,7 +37,8 @@ class TrainConfig:
     data_dir: Optional[str] = None  # local folder in the hub's parquet schema (no network needed)
     max_train_samples: Optional[int] = None  # use only the first N training examples
     max_eval_samples: Optional[int] = None  # use only the first N test examples
-    loader: str = 'auto'  # 'gpu' (whole split on the GPU), 'dataloader', 'auto' (gpu on CUDA)
+    loader: str = 'auto'  # 'gpu' (whole split on the GPU), 'dataloader', 'timm' (timm's pipeline, any image size), 'auto' (CIFAR-sized: gpu on CUDA, else dataloader; other images: timm)
+    num_workers: Optional[int] = None  # DataLoader workers of the timm pipeline; None: the cores per process - 1, at most 8
     # --- optimisation (defaults: the paper's protocol, Appendix B) -------------------------------
     epochs: Optional[int] = None  # None: 160 for depth > 10, 120 otherwise (the paper's rule)
     batch_size: int = 128  # global, split over all processes
@@ -83,7 +84,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    'loader': ('auto', 'gpu', 'dataloader'),
+    'loader': ('auto', 'gpu', 'dataloader', 'timm'),
     'sample_steps_cells': ('same', 'independent'),
     'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
 }

@@ -1,7 +1,8 @@
-""" CIFAR-style data through Hugging Face `datasets`, decoded once into uint8 tensors.
+""" Image data through Hugging Face `datasets`.
 
-Two input paths share one augmentation (random 32x32 crop of the 4-pixel zero-padded image, random
-horizontal flip, per-channel normalisation), done as batched tensor work on the compute device:
+CIFAR-sized data (small images of one size) is decoded once into uint8 tensors; two input paths share
+one augmentation (random 32x32 crop of the 4-pixel zero-padded image, random horizontal flip,
+per-channel normalisation), done as batched tensor work on the compute device:
 
 * `GpuBatches`: the whole split lives on the GPU as uint8; each epoch is a device-side permutation,
   sliced into static batches. No workers, no host sync (airbench's recipe).
@@ -9,17 +10,22 @@ horizontal flip, per-channel normalisation), done as batched tensor work on the 
 
 The shuffling and augmentation randomness of epoch e depends only on (seed, epoch), so a run resumed
 from an epoch checkpoint replays exactly what an uninterrupted run would have done.
+
+Images of any size and mode (`TimmImageDataset`) go through timm's own pipeline instead: decoded per
+example in DataLoader workers, converted to the model's channels, resized, cropped, augmented and
+normalised by `timm.data.create_transform` for the model's pretrained config (`resolve_data_config`).
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .config import UserError
 
-__all__ = ['ImageSplit', 'load_image_splits', 'augment', 'normalize', 'GpuBatches', 'BatchedTensorDataset']
+__all__ = ['ImageSplit', 'load_image_splits', 'load_dataset_splits', 'small_uniform_images', 'TimmImageDataset',
+           'timm_transforms', 'augment', 'normalize', 'GpuBatches', 'BatchedTensorDataset']
 
 SHORT_NAMES = {'cifar10': 'uoft-cs/cifar10', 'cifar100': 'uoft-cs/cifar100'}
 LABEL_COLUMNS = ('label', 'fine_label', 'labels')
@@ -70,17 +76,66 @@ def _columns(split, where: str) -> Tuple[str, str, int]:
     return image_cols[0], label, features[label].num_classes
 
 
-def _decode(split, image_col: str, label_col: str, limit: Optional[int], where: str) -> ImageSplit:
+def decode_split(split, image_col: str, label_col: str, limit: Optional[int], where: str) -> ImageSplit:
     if limit is not None:
         split = split.select(range(min(limit, len(split))))
     arr = split.with_format('numpy', columns=[image_col])[:][image_col]
     if arr.dtype == object:  # images of different sizes or modes do not stack
-        raise UserError(f'{where}: the images differ in size or mode; timm_rc trains on same-size images')
+        raise UserError(f'{where}: the images differ in size or mode, which the uint8 tensor path cannot hold; '
+                        f'use timm\'s data pipeline: --loader timm')
     if arr.ndim == 3:  # grayscale
         arr = arr[..., None]
     images = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
     labels = torch.as_tensor(np.asarray(split[label_col]), dtype=torch.int64)
     return ImageSplit(images=images, labels=labels)
+
+
+def load_dataset_splits(dataset: str, data_dir: Optional[str] = None):
+    """ The dataset's train and test splits, undecoded: (train, test, image column, label column,
+    num_classes, class names). """
+    ds = _load_dataset_dict(dataset, data_dir)
+    where = data_dir or dataset
+    missing = [s for s in ('train', 'test') if s not in ds]
+    if missing:
+        raise UserError(f'dataset {where} has no {" or ".join(missing)} split; it has: {", ".join(ds.keys())}')
+    image_col, label_col, num_classes = _columns(ds['train'], f'dataset {where}')
+    _columns(ds['test'], f'dataset {where} (test split)')
+    return ds['train'], ds['test'], image_col, label_col, num_classes, list(ds['train'].features[label_col].names)
+
+
+def small_uniform_images(split, image_col: str, probe: int = 64, max_side: int = 64) -> bool:
+    """ Whether the split looks like CIFAR: its first `probe` images share one size and mode, at most
+    `max_side` pixels a side (such a split is decoded once to a uint8 tensor, and can live on the GPU). """
+    sizes = {(img.size, img.mode) for img in split.select(range(min(probe, len(split))))[image_col]}
+    return len(sizes) == 1 and max(next(iter(sizes))[0]) <= max_side
+
+
+class TimmImageDataset(torch.utils.data.Dataset):
+    """ Images of any size and mode through timm's data pipeline: decoded per example (in DataLoader
+    workers), converted to the model's channel count (RGB or L), transformed by `transform` (timm's
+    `create_transform`: resize/crop, augmentation when training, normalisation). Yields (float image, label). """
+
+    def __init__(self, split, image_col: str, label_col: str, transform, in_chans: int = 3,
+                 limit: Optional[int] = None):
+        if limit is not None:
+            split = split.select(range(min(limit, len(split))))
+        self.split, self.image_col, self.label_col = split, image_col, label_col
+        self.transform, self.mode = transform, 'RGB' if in_chans == 3 else 'L'
+        self.labels = torch.as_tensor(np.asarray(split[label_col]), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.split[int(i)][self.image_col].convert(self.mode)
+        return self.transform(image), self.labels[i]
+
+
+def timm_transforms(model) -> Tuple[Any, Any]:
+    """ (training, evaluation) transforms of timm's pipeline for `model`'s pretrained config. """
+    from timm.data import create_transform, resolve_data_config
+    config = resolve_data_config({}, model=model)
+    return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
 
 
 def load_image_splits(
@@ -90,16 +145,11 @@ def load_image_splits(
         max_eval_samples: Optional[int] = None,
 ) -> Tuple[ImageSplit, ImageSplit, int, List[str]]:
     """ Returns (train, test, num_classes, class_names); images decoded once to uint8 tensors. """
-    ds = _load_dataset_dict(dataset, data_dir)
+    train, test, image_col, label_col, num_classes, names = load_dataset_splits(dataset, data_dir)
     where = data_dir or dataset
-    missing = [s for s in ('train', 'test') if s not in ds]
-    if missing:
-        raise UserError(f'dataset {where} has no {" or ".join(missing)} split; it has: {", ".join(ds.keys())}')
-    image_col, label_col, num_classes = _columns(ds['train'], f'dataset {where}')
-    _columns(ds['test'], f'dataset {where} (test split)')
-    train = _decode(ds['train'], image_col, label_col, max_train_samples, f'dataset {where}')
-    test = _decode(ds['test'], image_col, label_col, max_eval_samples, f'dataset {where}')
-    return train, test, num_classes, list(ds['train'].features[label_col].names)
+    train = decode_split(train, image_col, label_col, max_train_samples, f'dataset {where}')
+    test = decode_split(test, image_col, label_col, max_eval_samples, f'dataset {where}')
+    return train, test, num_classes, names
 
 
 # ---- augmentation: batched tensor work on the compute device ---------------------------------

@@ -32,7 +32,8 @@ from .checkpoint import checkpoint_problem, choose_checkpoint, complete_checkpoi
 from .lock import RunLock, run_on_main
 from ..models import RCNet
 from .config import TrainConfig, UserError, config_help, load_config, paper_epochs, wants_help
-from .data import BatchedTensorDataset, GpuBatches, augment, collate_batch, epoch_generator, load_image_splits, \
+from .data import BatchedTensorDataset, GpuBatches, TimmImageDataset, augment, collate_batch, decode_split, \
+    epoch_generator, load_dataset_splits, small_uniform_images, timm_transforms, \
     normalize
 
 __all__ = ['main', 'train', 'Diverged', 'reset_accelerate_state', 'draw_steps']
@@ -107,6 +108,15 @@ def draw_steps(seed: int, global_step: int, low: int, high: int, cells: int = 1)
     value without communicating and a resumed run replays the same draws. """
     g = torch.Generator().manual_seed((seed * 1_000_003 + global_step) * 1_013 + 11)
     return torch.randint(low, high + 1, (cells,), generator=g).tolist()
+
+
+def _num_workers(cfg: TrainConfig) -> int:
+    """ DataLoader workers of timm's pipeline: the config's, else the cores left per process (at most 8). """
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    return max(0, min(8, cores // local - 1))
 
 
 INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
@@ -241,7 +251,7 @@ def _set_cpu_threads(cfg: TrainConfig) -> Optional[str]:
 RESUME_MAY_CHANGE = frozenset((
     'epochs', 'max_steps', 'log_with', 'project', 'run_name', 'log_interval', 'log_model', 'keep_checkpoints',
     'resume', 'eval_batch_size', 'num_threads', 'compile', 'compile_mode', 'data_dir', 'output_dir',
-    'num_processes', 'params', 'loader', 'mixed_precision', 'channels_last', 'sync_bn'))
+    'num_processes', 'params', 'loader', 'num_workers', 'mixed_precision', 'channels_last', 'sync_bn'))
 
 
 def _check_same_run(saved_file: Path, run_config: Dict[str, Any]) -> None:
@@ -327,9 +337,19 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
 
     _sampled_model_kwargs(cfg)
     set_seed(cfg.seed)  # the same initial weights on every process
-    train_split, test_split, num_classes, _ = load_image_splits(
-        cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.max_eval_samples)
+    train_raw, test_raw, image_col, label_col, num_classes, _ = load_dataset_splits(cfg.dataset, cfg.data_dir)
+    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col):
+        loader = 'timm'  # images of any size and mode: timm's pipeline in DataLoader workers
     model = _create_model(cfg)
+    where = cfg.data_dir or cfg.dataset
+    if loader == 'timm':
+        train_tf, eval_tf = timm_transforms(model)
+        in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
+        train_split = TimmImageDataset(train_raw, image_col, label_col, train_tf, in_chans, cfg.max_train_samples)
+        test_split = TimmImageDataset(test_raw, image_col, label_col, eval_tf, in_chans, cfg.max_eval_samples)
+    else:
+        train_split = decode_split(train_raw, image_col, label_col, cfg.max_train_samples, f'dataset {where}')
+        test_split = decode_split(test_raw, image_col, label_col, cfg.max_eval_samples, f'dataset {where}')
     if model.num_classes != num_classes:
         raise UserError(
             f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
@@ -355,6 +375,11 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         batches = GpuBatches(
             type(train_split)(train_split.images.to(device), train_split.labels.to(device)),
             global_batch, cfg.seed, rank, world)
+    elif loader == 'timm':
+        workers = _num_workers(cfg)
+        batches = torch.utils.data.DataLoader(
+            train_split, batch_size=global_batch // world, shuffle=True, drop_last=True, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == 'cuda')
     else:
         batches = torch.utils.data.DataLoader(
             BatchedTensorDataset(train_split), batch_size=global_batch // world, shuffle=True, drop_last=True,
@@ -362,8 +387,12 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     steps_per_epoch = len(train_split) // global_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(
         cfg.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in cfg.lr_milestones], cfg.lr_gamma))
-    eval_loader = torch.utils.data.DataLoader(
-        BatchedTensorDataset(test_split), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_batch)
+    if loader == 'timm':
+        eval_loader = torch.utils.data.DataLoader(test_split, batch_size=cfg.eval_batch_size, shuffle=False,
+                                                  num_workers=_num_workers(cfg))
+    else:
+        eval_loader = torch.utils.data.DataLoader(
+            BatchedTensorDataset(test_split), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_batch)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
     # safetensors refuses non-contiguous tensors, and channels_last conv weights are not contiguous
     accelerator.register_save_state_pre_hook(_contiguous_weights)
@@ -441,7 +470,10 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         for images, labels in batches:
             if cfg.compile:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
-            x = normalize(augment(images, gen), mean, std, channels_last)
+            if images.is_floating_point():  # timm's pipeline: augmented and normalised in the workers
+                x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+            else:
+                x = normalize(augment(images, gen), mean, std, channels_last)
             if cfg.sample_steps is not None:
                 k = draw_steps(cfg.seed, state['global_step'], *cfg.sample_steps, cells)
                 net.set_steps(k[0] if cells == 1 else tuple(k))

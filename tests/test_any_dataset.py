@@ -1,0 +1,80 @@
+""" train.py and the evaluation on images of any size and mode: timm's data pipeline (issue 9, part 3). """
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import run
+from timm_rc.eval import main as eval_main
+
+
+def make_mixed_parquet(folder, n_train=48, n_test=12, num_classes=3, seed=0):
+    """ RGB and grayscale images of several sizes, in the hub's parquet schema. """
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(40, 30), (50, 50), (64, 48), (33, 71)]
+    for split, n in (('train', n_train), ('test', n_test)):
+        images, labels = [], []
+        for i in range(n):
+            w, h = sizes[i % len(sizes)]
+            label = int(rng.integers(num_classes))
+            if i % 3 == 0:
+                arr = rng.integers(0, 256, (h, w), dtype=np.uint8)
+                images.append(Image.fromarray(arr, mode='L'))
+            else:
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                arr[..., label] = 255  # learnable: the label's channel is bright
+                images.append(Image.fromarray(arr, mode='RGB'))
+            labels.append(label)
+        features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=[f'k{i}' for i in range(num_classes)]))
+        datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features).to_parquet(
+            str(folder / f'{split}.parquet'))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory):
+    return make_mixed_parquet(tmp_path_factory.mktemp('mixed') / 'data')
+
+
+def test_mixed_images_train_through_timms_pipeline(mixed, tmp_path):
+    out = tmp_path / 'run'
+    summary = run(['--model', 'rc4_cifar', '--model_kwargs', '{"width": 4, "num_classes": 3}', '--data_dir', str(mixed),
+                   '--epochs', '2', '--batch_size', '8', '--num_workers', '0', '--log_with', 'none',
+                   '--output_dir', str(out)])
+    assert summary['loader'] == 'timm' and summary['train_examples'] == 48 and summary['eval_examples'] == 12
+    assert summary['epochs_completed'] == 2 and np.isfinite(summary['train_loss'])
+    # the evaluation command reads the run the same way (timm's evaluation transform) and agrees exactly
+    report = eval_main([str(out), '--json'])
+    assert report['top1_error'] == summary['test_top1_error'] and report['examples'] == 12
+
+
+def test_a_timm_family_on_mixed_images_with_workers(mixed, tmp_path):
+    summary = run(['--model', 'rc_resnet18', '--model_kwargs', '{"num_classes": 3}', '--data_dir', str(mixed),
+                   '--epochs', '1', '--max_steps', '1', '--batch_size', '4', '--max_eval_samples', '4',
+                   '--num_workers', '2', '--log_with', 'none', '--output_dir', str(tmp_path / 'r18')])
+    assert summary['loader'] == 'timm' and summary['global_step'] == 1 and summary['eval_examples'] == 4
+
+
+def test_the_timm_transform_gives_the_models_input_size(mixed):
+    import timm
+    import timm_rc  # noqa: F401
+    from timm_rc.eval import load_split, split_loader
+    model = timm.create_model('rc4_cifar', width=4, num_classes=3)
+    split, num_classes, names = load_split('x', str(mixed), 'test', None, model)
+    images, labels = next(iter(split_loader(split, 12)))
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.float32 and num_classes == 3
+    assert names == ['k0', 'k1', 'k2'] and labels.dtype == torch.int64
+    # normalised with the model's mean/std: a white pixel maps to (1 - mean) / std
+    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
+    assert images.max().item() <= max((1 - m) / s for m, s in zip(mean, std)) + 1e-5
+
+
+def test_the_tensor_path_says_to_use_timm_for_mixed_images(mixed, tmp_path):
+    from timm_rc.train import UserError
+    with pytest.raises(UserError, match=r'differ in size or mode.*--loader timm'):
+        run(['--model_kwargs', '{"width": 4, "num_classes": 3}', '--data_dir', str(mixed), '--loader', 'dataloader',
+             '--epochs', '1', '--log_with', 'none', '--output_dir', str(tmp_path / 'x')])
