@@ -78,3 +78,14 @@ def test_the_tensor_path_says_to_use_timm_for_mixed_images(mixed, tmp_path):
     with pytest.raises(UserError, match=r'differ in size or mode.*--loader timm'):
         run(['--model_kwargs', '{"width": 4, "num_classes": 3}', '--data_dir', str(mixed), '--loader', 'dataloader',
              '--epochs', '1', '--log_with', 'none', '--output_dir', str(tmp_path / 'x')])
+
+
+def test_a_validation_split_stands_in_for_a_missing_test_split(mixed, tmp_path):
+    import shutil
+    data = tmp_path / 'valdata'
+    data.mkdir()
+    shutil.copy(mixed / 'train.parquet', data / 'train.parquet')
+    shutil.copy(mixed / 'test.parquet', data / 'validation.parquet')
+    from timm_rc.train.data import load_dataset_splits
+    train, test, image_col, label_col, num_classes, names = load_dataset_splits('x', str(data))
+    assert len(train) == 48 and len(test) == 12 and (image_col, label_col, num_classes) == ('image', 'label', 3)

@@ -33,7 +33,7 @@ class TrainConfig:
     sample_steps: Optional[List[int]] = None  # [min, max]: unrolled steps k' per cell drawn per batch (RC models; built with steps=max)
     sample_steps_cells: str = 'same'  # with sample_steps: 'same' (one k' for both cells) or 'independent' (one per cell)
     # --- data ------------------------------------------------------------------------------------
-    dataset: str = 'cifar10'  # 'cifar10', 'cifar100' or a Hugging Face hub id
+    dataset: str = 'cifar10'  # 'cifar10', 'cifar100' or a Hugging Face hub id ('owner/name:config' picks a config); evaluated on its test split, else validation
     data_dir: Optional[str] = None  # local folder in the hub's parquet schema (no network needed)
     max_train_samples: Optional[int] = None  # use only the first N training examples
     max_eval_samples: Optional[int] = None  # use only the first N test examples

@@ -29,6 +29,7 @@ __all__ = ['ImageSplit', 'load_image_splits', 'load_dataset_splits', 'small_unif
 
 SHORT_NAMES = {'cifar10': 'uoft-cs/cifar10', 'cifar100': 'uoft-cs/cifar100'}
 LABEL_COLUMNS = ('label', 'fine_label', 'labels')
+TEST_SPLITS = ('test', 'validation', 'valid', 'val')  # the split evaluated on: the first that exists
 
 
 @dataclass
@@ -52,9 +53,9 @@ def _load_dataset_dict(dataset: str, data_dir: Optional[str]):
             return datasets.load_dataset(str(path))
         except Exception as e:  # datasets raises many kinds here
             raise UserError(f'could not read the dataset in {data_dir}: {e}') from None
-    hub_id = SHORT_NAMES.get(dataset, dataset)
+    hub_id, _, config = SHORT_NAMES.get(dataset, dataset).partition(':')  # 'owner/name:config'
     try:
-        return datasets.load_dataset(hub_id)
+        return datasets.load_dataset(hub_id, config or None)
     except Exception as e:
         raise UserError(
             f'could not load dataset {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
@@ -95,12 +96,13 @@ def load_dataset_splits(dataset: str, data_dir: Optional[str] = None):
     num_classes, class names). """
     ds = _load_dataset_dict(dataset, data_dir)
     where = data_dir or dataset
-    missing = [s for s in ('train', 'test') if s not in ds]
+    test_name = next((name for name in TEST_SPLITS if name in ds), None)
+    missing = (['train'] if 'train' not in ds else []) + (['test (or validation)'] if test_name is None else [])
     if missing:
         raise UserError(f'dataset {where} has no {" or ".join(missing)} split; it has: {", ".join(ds.keys())}')
     image_col, label_col, num_classes = _columns(ds['train'], f'dataset {where}')
-    _columns(ds['test'], f'dataset {where} (test split)')
-    return ds['train'], ds['test'], image_col, label_col, num_classes, list(ds['train'].features[label_col].names)
+    _columns(ds[test_name], f'dataset {where} ({test_name} split)')
+    return ds['train'], ds[test_name], image_col, label_col, num_classes, list(ds['train'].features[label_col].names)
 
 
 def small_uniform_images(split, image_col: str, probe: int = 64, max_side: int = 64) -> bool:
