@@ -220,7 +220,10 @@ def _model_identity(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
     name = cfg.get('architecture')
     if name and cfg.get('tag'):
         name = f'{name}.{cfg["tag"]}'
-    return name, dict(getattr(model, 'create_kwargs', None) or {})
+    # timm's create_model records its kwargs in `_model_args` (timm 1.0.31 does; where it does not, pass
+    # model_kwargs to save_quantized); where the starting weights came from is left out
+    init = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+    return name, {k: v for k, v in (getattr(model, '_model_args', None) or {}).items() if k not in init}
 
 
 def _quantized_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
@@ -242,7 +245,8 @@ def _quantize_to_bytes(model: nn.Module, bits: int, group_size: int, model_name:
 def save_quantized(model: nn.Module, path: Union[str, Path], bits: int, group_size: int = DEFAULT_GROUP_SIZE,
                    model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None) -> int:
     """ Write the weight-quantized model to `path` (safetensors; its metadata names the timm model and
-    model_kwargs that `load_quantized` rebuilds). Written to a temporary file and renamed, so an existing
+    model_kwargs that `load_quantized` rebuilds: `model_name` / `model_kwargs`, by default the model's
+    `pretrained_cfg` architecture and the kwargs timm's create_model recorded). Written to a temporary file and renamed, so an existing
     file is replaced whole or not at all. Returns the file's size in bytes. """
     data = _quantize_to_bytes(model, bits, group_size, model_name, model_kwargs)
     path = Path(path)
