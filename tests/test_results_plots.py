@@ -233,3 +233,19 @@ def test_summaries_without_seed_or_run_config_count_each_run(tmp_path):
             test_top1_error=err, epochs_completed=160, epochs=160, params=1_259_082)))
     assert results.table(results.collect([tmp_path]), markdown=True).splitlines()[2] == \
         '| RC-4, shared BN |  | cifar10 |  | 3 | ?,?,? | 160/160 | 1,259,082 | 9.00 ± 1.00 | 21.00 |'
+
+
+def test_a_key_older_runs_lack_has_its_default_and_sampled_or_converted_runs_say_so(tmp_path):
+    old = make_run(tmp_path / 'old', err=12.0, seed=0)
+    cfg = json.loads((old / 'run_config.json').read_text())
+    cfg.pop('sample_steps', None)  # written before sample_steps existed: it trained fixed steps
+    (old / 'run_config.json').write_text(json.dumps(cfg))
+    make_run(tmp_path / 'sampled', err=20.0, seed=0, sample_steps=[1, 7])
+    overlay = {'pretrained': True, 'pretrained_cfg_overlay': {'file': 'runs/converted/rc4_from_resnet18.safetensors'}}
+    make_run(tmp_path / 'converted', err=30.0, seed=0, model_kwargs=overlay, lr=0.01)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    by_err = {r['test err % (ours)']: r for r in table}
+    # the lr differs between the rows, so every row names it
+    assert len(table) == 3 and by_err['12.00']['setting'] == 'lr 0.1'
+    assert by_err['20.00']['setting'] == 'lr 0.1, sample_steps 1,7'
+    assert by_err['30.00']['kwargs'] == '' and by_err['30.00']['setting'] == 'lr 0.01, init from rc4_from_resnet18.safetensors'

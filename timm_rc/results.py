@@ -59,7 +59,8 @@ IGNORED = {'seed', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 
            # their effect is in the summary's train_examples / eval_examples / global_batch_size
            'max_train_samples', 'max_eval_samples', 'batch_size'}
 SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
-SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch'}
+SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from'}
+INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
 ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
          'momentum', 'weight_decay', 'warmup_epochs', 'clip_grad_value', 'label_smoothing', 'max_steps',
          'mixed_precision']
@@ -101,9 +102,19 @@ def _read_run_config(folder: Path) -> Optional[dict]:
 
 
 def _run_config(run: dict) -> Optional[dict]:
-    if 'run_config' in run:
-        return run['run_config']
-    return _read_run_config(Path(run['path'])) if run.get('path') else None
+    """ The run's run_config.json; a key an older trainer did not write has the value that trainer used: the
+    key's default (a key added later changes nothing at its default, e.g. sample_steps). """
+    cfg = run['run_config'] if 'run_config' in run else (_read_run_config(Path(run['path'])) if run.get('path') else None)
+    if cfg is None:
+        return None
+    return {**_config_defaults(), **cfg}
+
+
+def _config_defaults() -> Dict[str, Any]:
+    import dataclasses
+    from .train.config import TrainConfig
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
 
 
 def _rc_models() -> set:
@@ -149,7 +160,10 @@ def table(runs: List[dict], markdown: bool = False) -> str:
     groups: Dict[tuple, List[dict]] = defaultdict(list)
     settings: Dict[tuple, Dict[str, Any]] = {}
     for r, cfg in zip(runs, configs):
-        kwargs = r.get('model_kwargs') or {}
+        kwargs = dict(r.get('model_kwargs') or {})
+        init = kwargs.pop('pretrained_cfg_overlay', None) or {}
+        for k in INIT_KWARGS:  # where the starting weights came from: the setting column says it
+            kwargs.pop(k, None)
         base = r['model'].split('.')[0]
         if base in rc_models:
             key = paper_row(r['model'], kwargs)
@@ -162,6 +176,8 @@ def table(runs: List[dict], markdown: bool = False) -> str:
             setting['run_config'] = 'missing'
         else:
             setting.update({k: cfg[k] for k in common})
+        if isinstance(init, dict) and init.get('file'):
+            setting['init'] = Path(init['file']).name
         ident = (key, json.dumps(extra, sort_keys=True), dataset)
         sig = ident + (json.dumps(setting, sort_keys=True, default=str),)
         groups[sig].append(r)
@@ -194,7 +210,9 @@ def table(runs: List[dict], markdown: bool = False) -> str:
         if dataset in ('cifar10', 'cifar100'):
             protocol.update(CIFAR_EXAMPLES)
         shown = {k for k, v in protocol.items() if k in setting and setting[k] != v}
+        shown |= {k for k in ('init', 'sample_steps') if setting.get(k) is not None}
         shown |= varying[sig[:3]] - {'epochs_completed'}
+        shown -= {k for k in ('init', 'sample_steps') if setting.get(k) is None}  # from scratch, fixed steps
         described = ', '.join(f'{SHORT.get(k, k)} {_fmt(setting.get(k))}' for k in sorted(shown, key=_order))
 
         # one run per seed: the newest of a seed run more than once
