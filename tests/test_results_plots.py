@@ -1,6 +1,7 @@
 """ `python -m timm_rc.results` and `timm_rc.plots` on tiny fake run folders (the trainer's file formats). """
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,11 @@ def test_a_key_older_runs_lack_has_its_default_and_sampled_or_converted_runs_say
     assert len(table) == 3 and by_err['12.00']['setting'] == 'lr 0.1'
     assert by_err['20.00']['setting'] == 'lr 0.1, sample_steps 1,7'
     assert by_err['30.00']['kwargs'] == '' and by_err['30.00']['setting'] == 'lr 0.01, init from rc4_from_resnet18.safetensors'
+
+
+def test_collect_does_not_follow_symlinked_folders(tmp_path):
+    make_run(tmp_path / 'runs' / 'rc4' / 'seed0', err=10.0, seed=0)
+    (tmp_path / 'runs' / 'rc4' / 'seed0' / 'loop').symlink_to(tmp_path / 'runs')  # a link back up the tree
+    (tmp_path / 'runs' / 'elsewhere').symlink_to(tmp_path / 'runs' / 'rc4')
+    runs = results.collect([tmp_path / 'runs'])
+    assert [Path(r['path']).relative_to(tmp_path).as_posix() for r in runs] == ['runs/rc4/seed0']

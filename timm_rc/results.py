@@ -83,7 +83,10 @@ def collect(roots: Sequence[Path]) -> List[dict]:
     run_config.json, None where there is none). """
     runs = []
     for root in roots:
-        for path in sorted(Path(root).rglob('summary.json')):
+        # os.walk does not follow symlinked folders (Path.rglob does before Python 3.13): a link to a parent
+        # folder, or to a big data folder, is not walked into
+        found = [Path(d) / 'summary.json' for d, _, files in os.walk(root) if 'summary.json' in files]
+        for path in sorted(found):
             try:
                 run = dict(json.loads(path.read_text()), path=str(path.parent))
             except (OSError, json.JSONDecodeError):
