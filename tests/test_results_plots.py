@@ -258,3 +258,27 @@ def test_collect_does_not_follow_symlinked_folders(tmp_path):
     (tmp_path / 'runs' / 'elsewhere').symlink_to(tmp_path / 'runs' / 'rc4')
     runs = results.collect([tmp_path / 'runs'])
     assert [Path(r['path']).relative_to(tmp_path).as_posix() for r in runs] == ['runs/rc4/seed0']
+
+
+def test_collect_skips_a_summary_that_is_no_regular_file(tmp_path, capsys):
+    """ A summary.json linked to /dev/zero (left by a disk-full test) once made collect read forever. """
+    make_run(tmp_path / 'runs' / 'good', err=10.0, seed=0)
+    bad = tmp_path / 'runs' / 'bad'
+    bad.mkdir(parents=True)
+    (bad / 'summary.json').symlink_to('/dev/zero')
+    (bad / 'run_config.json').symlink_to('/dev/zero')
+    capsys.readouterr()
+    runs = results.collect([tmp_path / 'runs'])
+    assert [Path(r['path']).name for r in runs] == ['good']
+    err = capsys.readouterr().err
+    assert 'skipping' in err and 'bad/summary.json: not a regular file' in err
+
+
+def test_collect_skips_files_that_are_no_run_summary(tmp_path, capsys):
+    make_run(tmp_path / 'runs' / 'good', err=10.0, seed=0)
+    other = tmp_path / 'runs' / 'other'
+    other.mkdir()
+    (other / 'summary.json').write_text(json.dumps({'accuracy': 0.9}))  # some other tool's summary
+    capsys.readouterr()
+    assert [Path(r['path']).name for r in results.collect([tmp_path / 'runs'])] == ['good']
+    assert 'other/summary.json: not a timm_rc run summary' in capsys.readouterr().err

@@ -59,6 +59,7 @@ IGNORED = {'seed', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 
            # their effect is in the summary's train_examples / eval_examples / global_batch_size
            'max_train_samples', 'max_eval_samples', 'batch_size'}
 SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
+MAX_JSON_BYTES = 1 << 20  # a run's summary.json / run_config.json is a few KB
 SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from'}
 INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
 ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
@@ -87,19 +88,29 @@ def collect(roots: Sequence[Path]) -> List[dict]:
         # folder, or to a big data folder, is not walked into
         found = [Path(d) / 'summary.json' for d, _, files in os.walk(root) if 'summary.json' in files]
         for path in sorted(found):
+            if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:  # e.g. a link to /dev/zero
+                print(f'skipping {path}: not a regular file of at most {MAX_JSON_BYTES:,} bytes', file=sys.stderr)
+                continue
             try:
-                run = dict(json.loads(path.read_text()), path=str(path.parent))
-            except (OSError, json.JSONDecodeError):
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 print(f'skipping unreadable {path}', file=sys.stderr)
                 continue
+            if not isinstance(data, dict) or not {'model', 'test_top1_error'} <= set(data):
+                print(f'skipping {path}: not a timm_rc run summary (no model or test_top1_error)', file=sys.stderr)
+                continue
+            run = dict(data, path=str(path.parent))
             run['run_config'] = _read_run_config(path.parent)
             runs.append(run)
     return runs
 
 
 def _read_run_config(folder: Path) -> Optional[dict]:
+    path = Path(folder) / 'run_config.json'
+    if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+        return None
     try:
-        return json.loads((Path(folder) / 'run_config.json').read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -173,7 +184,7 @@ def table(runs: List[dict], markdown: bool = False) -> str:
             extra = {k: v for k, v in kwargs.items() if k != 'bn_sharing'}
         else:  # a plain timm model: its own name, all its kwargs
             key, extra = (r['model'], ''), dict(kwargs)
-        dataset = Path(r.get('data_dir') or r['dataset']).name
+        dataset = Path(r.get('data_dir') or r.get('dataset') or '?').name
         setting = {k: r[k] for k in SUMMARY_KEYS if k in r}  # a key an older summary lacks is unknown
         if cfg is None:
             setting['run_config'] = 'missing'
