@@ -89,3 +89,26 @@ def test_a_validation_split_stands_in_for_a_missing_test_split(mixed, tmp_path):
     from timm_rc.train.data import load_dataset_splits
     train, test, image_col, label_col, num_classes, names = load_dataset_splits('x', str(data))
     assert len(train) == 48 and len(test) == 12 and (image_col, label_col, num_classes) == ('image', 'label', 3)
+
+
+def test_cifar_sized_grayscale_images_are_converted_not_crashed(tmp_path):
+    """ Uniform 28x28 grayscale images (MNIST-like) for a 3-channel model: timm's pipeline converts them;
+    the uint8 tensor path, asked for explicitly, says why it cannot. """
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'gray28'
+    folder.mkdir()
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=['a', 'b', 'c']))
+    for split, n in (('train', 32), ('test', 8)):
+        images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode='L') for _ in range(n)]
+        datasets.Dataset.from_dict({'image': images, 'label': [i % 3 for i in range(n)]}, features=features).to_parquet(
+            str(folder / f'{split}.parquet'))
+    common = ['--model_kwargs', '{"width": 4, "num_classes": 3}', '--data_dir', str(folder), '--epochs', '1',
+              '--batch_size', '8', '--num_workers', '0', '--log_with', 'none']
+    summary = run([*common, '--output_dir', str(tmp_path / 'auto')])
+    assert summary['loader'] == 'timm' and summary['eval_examples'] == 8
+    from timm_rc.train import UserError
+    with pytest.raises(UserError, match=r'have 1 channels and rc4_cifar takes 3; --loader timm converts them'):
+        run([*common, '--loader', 'dataloader', '--output_dir', str(tmp_path / 'tensor')])
+    assert not (tmp_path / 'tensor').exists()

@@ -283,3 +283,21 @@ def test_bad_inputs_are_one_line_and_leave_the_run_alone(tiny, tmp_path, capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'does not fit the model given: ' in err and 'Traceback' not in err
     assert digests(out) == before
+
+
+def test_quantize_and_int8_take_a_run_folder_and_count_the_runs_examples(tiny, capsys):
+    root, out, summary = tiny
+    assert 'quantize takes a run folder (holding model.safetensors); rc4_cifar does not exist' in \
+        exits_2(['quantize', 'rc4_cifar', '--bits', '8'], capsys)
+    assert 'int8 takes a run folder' in exits_2(['int8', 'rc4_cifar'], capsys)
+    assert '--json and --markdown both given' in exits_2(['report', 'rc1_cifar', '--json', '--markdown'], capsys)
+    assert '--bits takes 8 or 4' in exits_2(['report', 'rc1_cifar', '--bits', ''], capsys)
+
+
+def test_the_plain_network_of_a_registered_family_is_its_base():
+    from timm_rc.compress import _plain_network
+    rc = timm.create_model('rc_resnet18', num_classes=3)
+    assert _plain_network(rc, 'rc_resnet18', {'num_classes': 3, 'bn_sharing': 'shared'}) == ('resnet18', {'num_classes': 3})
+    assert _plain_network(timm.create_model('rc4_cifar', width=4), 'rc4_cifar', {'width': 4}) == \
+        ('rc4_cifar', {'width': 4, 'share_weights': False})
+    assert _plain_network(timm.create_model('rc1_cifar', width=4), 'rc1_cifar', {'width': 4}) is None

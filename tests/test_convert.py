@@ -71,7 +71,7 @@ def test_torchvision_resnet50_the_same_rule():
     assert (report.params_before, report.params_after) == (25_557_032, 16_017_448)
     assert [(r.container, r.blocks) for r in report.runs] == [
         ('layer1', ['1', '2']), ('layer2', ['1', '2', '3']), ('layer3', ['1', '2', '3', '4', '5']), ('layer4', ['1', '2'])]
-    assert 'layer3  blocks 1..5    5 x Bottleneck' in str(report)
+    assert 'layer3  blocks 1..5  5 x Bottleneck  -> 1 cell, 5 steps' in str(report)
 
 
 def make_runs_identical(model, runs):
@@ -231,7 +231,7 @@ def test_pretrained_loads_the_base_weights_then_converts(tmp_path):
     assert cell.steps[1].conv1.weight is cell.steps[0].conv1.weight  # shared: block 0's
     assert torch.equal(cell.steps[1].bn2.running_var, src.layer1[1].bn2.running_var)  # block 1's own statistics
     assert torch.equal(dst.layer2[1].conv2.weight, src.layer2[1].conv2.weight)  # nothing shared there
-    assert 'layer1: ' not in str(dst.rc_conversion) and 'layer1  blocks 0..1' in str(dst.rc_conversion)
+    assert '1 run of identical blocks' in str(dst.rc_conversion) and 'layer1  blocks 0..1' in str(dst.rc_conversion)
 
 
 @pytest.mark.parametrize('name', ['rc_resnet18'])
@@ -273,7 +273,7 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     run(['--model', 'rc4_unshared_cifar', '--model_kwargs', '{"width": 4}', '--output_dir', 'runs/r18', *common])
     code, out, err = convert_cli(['runs/r18', '--output', 'converted/rc4.safetensors'], capsys)
     assert code == 0, err
-    assert 'cell1  blocks steps.0..steps.3 4 x BasicBlock' in out and 'wrote converted/rc4.safetensors' in out
+    assert 'cell1  blocks steps.0..steps.3  4 x BasicBlock' in out and 'wrote converted/rc4.safetensors' in out
     assert "--model rc4_cifar --model_kwargs '{\"width\": 4, \"pretrained\": true" in out
     rc4 = timm.create_model('rc4_cifar', width=4, pretrained=True,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'converted/rc4.safetensors')))
@@ -295,3 +295,38 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     assert code == 2 and "is the source's own weights" in err
     code, out, err = convert_cli(['runs/r18', '--output', 'x.safetensors', '--bn_sharing', 'double'], capsys)
     assert code == 2 and '--bn_sharing must be one of independent, shared, none' in err
+
+
+def test_a_trained_rc_family_run_loads_back_through_timm(tmp_path):
+    """ Weights of a converted network (a run's model.safetensors, a file python -m timm_rc.convert wrote)
+    load after the conversion, through local-dir: and pretrained_cfg_overlay alike. """
+    from timm.models import save_for_hf
+    src = randomize_bn(timm.create_model('rc_resnet18', num_classes=3)).eval()
+    save_for_hf(src, str(tmp_path / 'run'), model_args=dict(num_classes=3), safe_serialization=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = src(x)
+        via_dir = timm.create_model(f'local-dir:{tmp_path / "run"}', pretrained=True).eval()
+        torch.testing.assert_close(via_dir(x), ref, rtol=0, atol=0)
+        via_file = timm.create_model('rc_resnet18', num_classes=3, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(tmp_path / 'run' / 'model.safetensors'))).eval()
+        torch.testing.assert_close(via_file(x), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"holds RC weights that do not fit rc_resnet18 with these kwargs \(bn_sharing='none'"):
+        timm.create_model('rc_resnet18', num_classes=3, bn_sharing='none', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'run' / 'model.safetensors')))
+
+
+def test_convert_refuses_to_write_into_the_run_and_names_a_missing_source(tmp_path, capsys, monkeypatch):
+    from test_train import make_parquet, run
+    monkeypatch.chdir(tmp_path)
+    make_parquet(tmp_path / 'data')
+    run(['--model', 'rc2_unshared_cifar', '--model_kwargs', '{"width": 4}', '--data_dir', 'data', '--epochs', '1',
+         '--batch_size', '16', '--log_with', 'none', '--output_dir', 'runs/r10'])
+    before = sorted(p.as_posix() for p in (tmp_path / 'runs/r10').rglob('*'))
+    code, out, err = convert_cli(['runs/r10', '--output', 'runs/r10/checkpoints/epoch_0001/model.safetensors'], capsys)
+    assert code == 2 and 'lies inside the run folder runs/r10' in err
+    assert sorted(p.as_posix() for p in (tmp_path / 'runs/r10').rglob('*')) == before
+    code, out, err = convert_cli(['runs/missing', '--output', 'f.safetensors'], capsys)
+    assert code == 2 and 'runs/missing does not exist' in err
+    code, out, err = convert_cli(['runs/r10', '--output', 'shared.safetensors', '--bn_sharing', 'shared'], capsys)
+    assert code == 0 and '"bn_sharing": "shared"' in out and '--model rc2_cifar' in out

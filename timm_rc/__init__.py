@@ -12,10 +12,16 @@ from .conversion import RCConversion, convert_to_rc, find_runs
 __version__ = '0.2.0'
 
 
+_SUBMODULES = ('compress', 'convert', 'eval', 'plots', 'results', 'sweep', 'train')
+
+
 def __getattr__(name):
-    # flops_per_image lives in timm_rc.eval; imported on first use, so that `python -m timm_rc.eval`
-    # does not find its own module imported already
+    # the command modules are imported on first use (timm_rc.compress.static_int8 after `import timm_rc`),
+    # so that `python -m timm_rc.eval` does not find its own module imported already
     if name == 'flops_per_image':
         from .eval import flops_per_image
         return flops_per_image
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f'{__name__}.{name}')
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

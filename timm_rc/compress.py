@@ -54,6 +54,7 @@ from .train.config import UserError
 __all__ = [
     'BITS', 'model_size', 'weights_bytes', 'activation_bytes', 'cpu_latency_ms', 'compression_report',
     'quantize_tensor', 'dequantize_tensor', 'quantize_state_dict', 'save_quantized', 'load_quantized',
+    'quantized_metadata',
     'quantized_name', 'untie_shared_weights', 'static_int8', 'Int8Model', 'main',
 ]
 
@@ -159,7 +160,8 @@ def quantize_tensor(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_G
     groups = math.ceil(k / group_size)
     padded = torch.nn.functional.pad(w, (0, groups * group_size - k)).view(out, groups, group_size)
     # fp16 scales; the smallest normal fp16 as a floor so that no scale is zero or subnormal
-    scale = (padded.abs().amax(2) / 7).clamp_min(2 ** -14).half()
+    scale = (padded.abs().amax(2) / 7).clamp_min(2 ** -14)
+    scale = scale.half() if scale.max() <= torch.finfo(torch.float16).max else scale  # fp32 where fp16 overflows
     q = torch.round(padded / scale.float()[..., None]).clamp(-8, 7).view(out, -1)[:, :k]
     nibbles = (q.flatten() + 8).to(torch.uint8)
     if nibbles.numel() % 2:
@@ -272,6 +274,12 @@ def _read_quantized(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
         raise UserError(f'{path} is not a quantized timm_rc file (no {FORMAT!r} format in its metadata); write one '
                         f'with python -m timm_rc.compress quantize RUN --bits 8')
     return tensors, metadata
+
+
+def quantized_metadata(path: Union[str, Path]) -> Tuple[str, Dict[str, Any]]:
+    """ (timm name, model_kwargs) that a quantized file names. """
+    _, metadata = _read_quantized(Path(path))
+    return metadata.get('model', ''), json.loads(metadata.get('model_kwargs') or '{}')
 
 
 def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
@@ -465,8 +473,15 @@ def static_int8(model: nn.Module, calibration_batches: Sequence[torch.Tensor], c
 # ---- reports -----------------------------------------------------------------------------------
 
 
-def _is_rc(model: nn.Module) -> bool:
-    return bool(getattr(model, 'share_weights', False)) and getattr(model, 'steps', 1) != 1
+def _plain_network(model: nn.Module, name: str, kwargs: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """ (timm name, kwargs) of the plain network of `model`'s graph, or None: an RCNet's with
+    share_weights=False, a registered rc_* family's base model. """
+    if bool(getattr(model, 'share_weights', False)) and getattr(model, 'steps', 1) != 1:
+        return name, {**kwargs, 'share_weights': False}
+    conversion = getattr(model, 'rc_conversion', None)
+    if conversion is not None and conversion.runs and name.startswith('rc_'):
+        return name.removeprefix('rc_'), {k: v for k, v in kwargs.items() if k not in ('bn_sharing', 'steps', 'bn_policy')}
+    return None
 
 
 def compression_report(
@@ -597,14 +612,20 @@ def _evaluator(run_dir: Optional[Path], args, model: nn.Module):
     if run_dir is None and args.data_dir is None and args.dataset is None:
         return None
     from .eval import read_run
-    dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
-    loader = read_run(run_dir).get('loader') if run_dir is not None else None
-    split, num_classes, _ = load_split(dataset, data_dir, 'test', args.max_samples, model, loader)
+    run = read_run(run_dir) if run_dir is not None else {}
+    try:
+        dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
+        # the run's own test examples (its max_eval_samples), as python -m timm_rc.eval and the trainer use
+        limit = args.max_samples or run.get('max_eval_samples')
+        split, num_classes, _ = load_split(dataset, data_dir, 'test', limit, model, run.get('loader'))
+    except UserError as e:
+        raise UserError(f'{e}; pass --data_dir DIR (the test data the error is measured on)') from None
     if model.num_classes != num_classes:
         raise UserError(f'the model has a {model.num_classes}-class head but {data_dir or dataset} has {num_classes} '
                         f'classes; give the dataset it was trained on (--dataset / --data_dir)')
     mean, std = model_mean_std(model)
     loader = split_loader(split, 256)
+    args.eval_examples = len(split)
     return lambda net: evaluate(net, loader, mean=mean, std=std, device='cpu', num_classes=num_classes).top1_error
 
 
@@ -619,12 +640,16 @@ def report_models(args) -> List[Dict[str, Any]]:
         row = compression_report(net, name=spec, batch_size=args.batch_size, evaluate_fn=evaluate_fn, bits=bits,
                                  group_size=args.group_size)
         row.update(model=name, model_kwargs=model_kwargs, trained=run_dir is not None)
+        if evaluate_fn is not None:
+            row['eval_examples'] = args.eval_examples
         rows.append(row)
-        if _is_rc(net) and not args.no_plain:
-            plain = _create(name, {**model_kwargs, 'share_weights': False}).eval()
+        plain_of = _plain_network(net, name, model_kwargs)
+        if plain_of is not None and not args.no_plain:
+            plain_name, plain_kwargs = plain_of
+            plain = _create(plain_name, plain_kwargs).eval()
             plain_row = compression_report(plain, name=f'plain graph of {spec}', batch_size=args.batch_size, bits=bits,
                                            group_size=args.group_size)
-            plain_row.update(model=name, model_kwargs={**model_kwargs, 'share_weights': False}, trained=False)
+            plain_row.update(model=plain_name, model_kwargs=plain_kwargs, trained=False)
             row['plain_params'] = plain_row['params']
             row['compression'] = plain_row['params'] / row['params']
             rows.append(plain_row)
@@ -659,10 +684,20 @@ def report_table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     return '\n'.join([fmt(head)] + [fmt(row) for row in body])
 
 
+def _need_run_folder(run: str, command: str) -> None:
+    if Path(run).is_file():
+        raise UserError(f'{command} takes a run folder (holding model.safetensors); {run} is a file; give the run folder '
+                        f'that holds it')
+    if not Path(run).exists():
+        raise UserError(f'{command} takes a run folder (holding model.safetensors); {run} does not exist (registered '
+                        f'model names go to python -m timm_rc.compress report)')
+
+
 def quantize_run(args) -> Dict[str, Any]:
     from .eval import WEIGHTS
     _check_bits(args.bits)
     _positive(args, 'group_size')
+    _need_run_folder(args.run, 'quantize')
     net, run_dir, name, model_kwargs = _load(args.run, None)
     run = Path(args.run)
     evaluate_fn = _evaluator(run_dir, args, net) if run_dir is not None or args.data_dir or args.dataset else None
@@ -674,12 +709,14 @@ def quantize_run(args) -> Dict[str, Any]:
     if evaluate_fn is not None:
         result['fp32_top1_error'] = evaluate_fn(net)
         result['quantized_top1_error'] = evaluate_fn(load_quantized(out))
+        result['eval_examples'] = args.eval_examples
     return result
 
 
 def _quantize_text(r: Dict[str, Any]) -> str:
     group = f', groups of {r["group_size"]}' if r['group_size'] else ', per output channel'
-    lines = [f'{r["path"]}: int{r["bits"]}{group}, {r["params"]:,} params',
+    examples = f', test error on {r["eval_examples"]:,} examples' if 'eval_examples' in r else ''
+    lines = [f'{r["path"]}: int{r["bits"]}{group}, {r["params"]:,} params{examples}',
              f'  {"":<10}{"bytes":>12}{"top-1 error":>14}',
              f'  {"fp32":<10}{r["fp32_bytes"]:>12,}{_err(r.get("fp32_top1_error")) + "%" if "fp32_top1_error" in r else "n/a":>14}',
              f'  {"int" + str(r["bits"]):<10}{r["quantized_bytes"]:>12,}'
@@ -694,6 +731,7 @@ def int8_run(args) -> Dict[str, Any]:
     from .eval import load_split, model_mean_std, run_dataset
     from .train.data import normalize
     _positive(args, 'calibration_batches', 'batch_size', 'max_samples')
+    _need_run_folder(args.run, 'int8')
     net, run_dir, name, model_kwargs = _load(args.run, None)
     from .eval import read_run, split_loader
     dataset, data_dir = run_dataset(run_dir, args.dataset, args.data_dir)
@@ -712,6 +750,7 @@ def int8_run(args) -> Dict[str, Any]:
                   threads=torch.get_num_threads())
     result['fp32_top1_error'] = evaluate_fn(net)
     result['int8_top1_error'] = evaluate_fn(int8)
+    result['eval_examples'] = args.eval_examples
     for b in (1, 64):
         result[f'fp32_latency_ms_b{b}'] = cpu_latency_ms(net, b, input_size)
         result[f'int8_latency_ms_b{b}'] = cpu_latency_ms(int8, b, input_size)
@@ -725,7 +764,7 @@ def int8_run(args) -> Dict[str, Any]:
 def _int8_text(r: Dict[str, Any]) -> str:
     how = 'torch.compile (oneDNN int8)' if r['compiled'] else 'not compiled (int8 simulated in fp32)'
     lines = [f'{r["run"]}: static int8 (PT2E, X86InductorQuantizer), {how}, calibrated on {r["calibration_images"]:,} '
-             f'training images, {r["threads"]} threads']
+             f'training images, test error on {r["eval_examples"]:,} examples, {r["threads"]} threads']
     if r['untied_calls']:
         lines.append(f'  weight-shared convolutions: {r["untied_calls"]} calls got their own folded copy; int8 weights '
                      f'{r["int8_weight_elements"]:,} elements against {r["fp32_weight_elements"]:,} shared in fp32')
@@ -733,8 +772,8 @@ def _int8_text(r: Dict[str, Any]) -> str:
     for kind, label in (('fp32', 'fp32 eager'), ('fp32_compiled', 'fp32 compiled'), ('int8', 'int8')):
         if kind + '_latency_ms_b1' not in r:
             continue
-        error = r.get(kind + '_top1_error', r['fp32_top1_error'])
-        lines.append(f'  {label:<15}{error:>11.2f}%{r[kind + "_latency_ms_b1"]:>10.2f}{r[kind + "_latency_ms_b64"]:>10.1f}')
+        error = f'{r[kind + "_top1_error"]:.2f}%' if kind + '_top1_error' in r else '(same model)'
+        lines.append(f'  {label:<15}{error:>12}{r[kind + "_latency_ms_b1"]:>10.2f}{r[kind + "_latency_ms_b64"]:>10.1f}')
     return '\n'.join(lines)
 
 
@@ -748,7 +787,14 @@ def main(argv: Optional[Sequence[str]] = None):
         if args.command is None:
             raise UserError('give a command: report, quantize or int8 (see python -m timm_rc.compress --help)')
         _positive(args, 'max_samples', 'batch_size')
+        if getattr(args, 'markdown', False) and args.json:
+            raise UserError('--json and --markdown both given; choose one output')
+        if getattr(args, 'bits', None) is not None and args.command == 'report':
+            _parse_bits(args.bits)  # an empty or bad --bits is an error, not ignored
         if args.command == 'report':
+            if (args.data_dir or args.dataset) and not any(Path(m).is_dir() for m in args.models):
+                print('note: no run folder given; registered names are untrained, so no test error is measured',
+                      file=sys.stderr)
             result = report_models(args)
             text = json.dumps(result) if args.json else report_table(result, args.markdown)
         elif args.command == 'quantize':

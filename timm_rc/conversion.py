@@ -67,13 +67,17 @@ class RCConversion:
     def __str__(self) -> str:
         if not self.runs:
             return f'convert_to_rc: nothing to share ({self.params_before:,} params)'
-        lines = [f'convert_to_rc (bn_sharing={self.bn_sharing!r}): {len(self.runs)} runs of identical blocks shared, '
+        runs = f'{len(self.runs)} run{"s" * (len(self.runs) != 1)}'
+        lines = [f'convert_to_rc (bn_sharing={self.bn_sharing!r}): {runs} of identical blocks shared, '
                  f'{self.params_before:,} -> {self.params_after:,} params ({self.compression:.2f}x fewer)']
         width = max(len(r.container or '(top)') for r in self.runs)
-        for r in self.runs:
-            blocks = f'{r.blocks[0]}..{r.blocks[-1]}' if len(r.blocks) > 1 else r.blocks[0]
-            lines.append(f'  {(r.container or "(top)"):<{width}}  blocks {blocks:<7} {len(r.blocks)} x {r.block_type:<18} '
-                         f'-> 1 cell, {r.steps} steps  {r.params_before:>12,} -> {r.params_after:,} params')
+        spans = [f'{r.blocks[0]}..{r.blocks[-1]}' if len(r.blocks) > 1 else r.blocks[0] for r in self.runs]
+        span_width = max(len(b) for b in spans)
+        type_width = max(len(r.block_type) for r in self.runs)
+        for r, blocks in zip(self.runs, spans):
+            lines.append(f'  {(r.container or "(top)"):<{width}}  blocks {blocks:<{span_width}}  {len(r.blocks)} x '
+                         f'{r.block_type:<{type_width}}  -> 1 cell, {r.steps} steps  {r.params_before:>12,} -> '
+                         f'{r.params_after:,} params')
         return '\n'.join(lines)
 
     __repr__ = __str__

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from .conversion import RCConversion, convert_to_rc
 from .layers.unroll import BN_SHARING
+from .models.rc_timm import RC_FAMILIES as RC_BASES
 from .train.config import UserError
 
 __all__ = ['main']
@@ -31,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
     p = Parser(prog='python -m timm_rc.convert', description='Convert a trained network to an RC network '
                '(timm_rc.convert_to_rc) and write its weights.')
     p.add_argument('source', metavar='MODEL_OR_RUN', help='a run folder, a weights file with --model, or a timm name')
-    p.add_argument('--model', help='timm name when SOURCE is a weights file outside a run folder')
+    p.add_argument('--model', help='timm name when MODEL_OR_RUN is a weights file outside a run folder')
     p.add_argument('--model_kwargs', help='JSON object for timm.create_model, e.g. \'{"width": 8}\'')
     p.add_argument('--output', required=True, help='the converted weights, a .safetensors file (never the source)')
     p.add_argument('--bn_sharing', default='independent', help="'independent' (default), 'shared' or 'none'")
@@ -46,6 +47,13 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
         source = Path(args.source)
         if source.exists() and out.resolve() in (source.resolve(), (source / 'model.safetensors').resolve()):
             raise UserError(f'--output {out} is the source\'s own weights; write the converted model elsewhere')
+        if source.is_dir() and source.resolve() in out.resolve().parents:
+            raise UserError(f'--output {out} lies inside the run folder {source}, whose files (checkpoints, weights) '
+                            f'must stay as the run wrote them; write the converted model outside it')
+        if not source.exists() and ('/' in args.source or args.source.startswith('.')
+                                    or args.source.endswith('.safetensors')):
+            raise UserError(f'{args.source} does not exist; give a run folder, a weights file with --model, or a timm '
+                            f'model name')
         if args.bn_sharing not in BN_SHARING:
             raise UserError(f'--bn_sharing must be one of {", ".join(BN_SHARING)}; got {args.bn_sharing!r}')
         steps = None
@@ -62,6 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
             run_dir = find_run(source)
             if run_dir is not None:
                 run_kwargs = {**read_run(run_dir).get('model_kwargs', {}), **_legacy_block(source), **run_kwargs}
+        untrained = not source.exists() and not (kwargs or {}).get('pretrained')
         if source.exists():
             model = load_model(source, args.model, kwargs)
         else:
@@ -86,13 +95,21 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
         import dataclasses
         print(json.dumps(dict(dataclasses.asdict(report), output=str(out))))
     else:
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', '')
         print(report)
         print(f'wrote {out}')
-        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', '')
+        if untrained:
+            print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
+                  f'--model_kwargs \'{{"pretrained": true}}\'')
+        if arch.startswith('rc_') or arch in RC_BASES:
+            print(f'load it with timm.create_model(\'rc_{arch.removeprefix("rc_")}\', pretrained=True, '
+                  f'pretrained_cfg_overlay=dict(file=\'{out}\'))')
         if arch in ('rc2_unshared_cifar', 'rc4_unshared_cifar'):
             shared = arch.replace('_unshared', '')
             from .train.loop import INIT_KWARGS
             kw = {k: v for k, v in run_kwargs.items() if k not in ('share_weights', 'steps', *INIT_KWARGS)}
+            if args.bn_sharing != 'independent':
+                kw['bn_sharing'] = args.bn_sharing
             print(f'its state_dict is that of {shared}: fine-tune it with\n  python train.py --model {shared} --model_kwargs '
                   f'\'{json.dumps({**kw, "pretrained": True, "pretrained_cfg_overlay": {"file": str(out)}})}\' ...')
     return report

@@ -353,7 +353,10 @@ def load_model(
         raise UserError(f'{source} holds no {WEIGHTS}; give a run folder written by the trainer (or timm\'s '
                         f'save_for_hf) or a weights file{hint}')
     if weights.suffix == '.safetensors' and _is_quantized(weights):  # python -m timm_rc.compress quantize wrote it
-        from .compress import load_quantized
+        from .compress import load_quantized, quantized_metadata
+        if model is None and kwargs:  # the file's model, with the kwargs given on top: must still fit
+            name, file_kwargs = quantized_metadata(weights)
+            return load_quantized(weights, _create(name, {**file_kwargs, **kwargs}))
         return load_quantized(weights, _create(model, kwargs) if model is not None else None)
     if model is None:
         kwargs = {**_legacy_block(path), **kwargs}
@@ -383,7 +386,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog='python -m timm_rc.eval', description=__doc__.split('\n\n')[0],
+    p = _Parser(prog='python -m timm_rc.eval', description=__doc__.split('\n\n')[0].split(': ', 1)[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('sources', nargs='*', metavar='RUN_OR_WEIGHTS',
                    help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained; '
@@ -481,10 +484,10 @@ def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: 
         raise UserError(f'split must be train or test, got {split!r}')
     train, test, image_col, label_col, num_classes, class_names = load_dataset_splits(dataset, data_dir)
     chosen = test if split == 'test' else train
-    if loader == 'timm' or (loader in (None, 'auto') and not small_uniform_images(train, image_col)):
+    in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if model is not None else 3
+    if loader == 'timm' or (loader in (None, 'auto') and not small_uniform_images(train, image_col, in_chans=in_chans)):
         if model is None:
             raise UserError(f'{data_dir or dataset} needs timm\'s data pipeline (images of any size), which needs the model')
-        in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
         return TimmImageDataset(chosen, image_col, label_col, timm_transforms(model)[1], in_chans, max_samples), \
             num_classes, class_names
     return decode_split(chosen, image_col, label_col, max_samples, f'dataset {data_dir or dataset}'), num_classes, \
@@ -511,6 +514,11 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
     device = _device(args.device)
     run_dir = find_run(source) if source is not None and Path(source).exists() else None
     run = read_run(run_dir) if run_dir is not None else {}
+    if source is not None and Path(source).is_file() and Path(source).suffix == '.safetensors' and \
+            _is_quantized(Path(source)):  # a quantized file names its own model
+        from .compress import quantized_metadata
+        name, file_kwargs = quantized_metadata(source)
+        run = {**run, 'model': name, 'model_kwargs': file_kwargs}
     net = load_model(source, args.model, kwargs)
     if steps is not None and not callable(getattr(net, 'set_steps', None)):
         raise UserError(f'{source or args.model} is a {type(net).__name__}, which cannot change its number of '

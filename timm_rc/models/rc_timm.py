@@ -8,6 +8,7 @@ Every registered name takes the base model's kwargs (num_classes, drop_path_rate
 model's: `pretrained=True` loads the base model's weights first and then converts, so step i of a run starts
 from block i's BN statistics and the run's first block's weights. `model.rc_conversion` says what was shared.
 """
+import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -40,11 +41,51 @@ def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independe
     name = base
     if isinstance(pretrained_cfg, str):
         name, pretrained_cfg = f'{base}.{pretrained_cfg}', None
-    model = timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+    converted = _converted_file(pretrained, pretrained_cfg, kwargs.get('pretrained_cfg_overlay'))
+    if converted is not None:  # weights of the RC network itself (a trained run, python -m timm_rc.convert)
+        kwargs.pop('pretrained_cfg_overlay', None)
+        model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
+    else:  # the base's weights (hub, file), converted below
+        model = timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     model.rc_conversion = convert_to_rc(model, bn_sharing=bn_sharing, steps=steps, bn_policy=bn_policy)
     cfg = dict(model.pretrained_cfg, architecture=f'rc_{base}')
     model.pretrained_cfg = model.default_cfg = cfg
+    if converted is not None:
+        from timm.models import load_checkpoint
+        try:
+            load_checkpoint(model, converted, strict=True)
+        except RuntimeError as e:
+            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            raise ValueError(f'{converted} holds RC weights that do not fit rc_{base} with these kwargs '
+                             f'(bn_sharing={bn_sharing!r}, steps={steps!r}): {(lines or [str(e)])[0][:300]}') from None
     return model
+
+
+def _converted_file(pretrained: bool, pretrained_cfg, overlay) -> Optional[str]:
+    """ The weights file to load, if it holds an RC network's weights (unrolled cells: '.steps.0.' keys)
+    rather than the base model's: then it is loaded after the conversion, not before. """
+    if not pretrained:
+        return None
+    files = [(overlay or {}).get('file')]
+    if pretrained_cfg is not None:
+        files.append(pretrained_cfg.get('file') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'file', None))
+    for file in files:
+        if file and os.path.isdir(file):  # 'local-dir:' sources: the folder's weights, as timm looks for them
+            file = next((os.path.join(file, n) for n in ('model.safetensors', 'pytorch_model.bin')
+                         if os.path.isfile(os.path.join(file, n))), None)
+        if not file or not os.path.isfile(file):
+            continue
+        if str(file).endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(str(file), framework='pt') as f:
+                keys = list(f.keys())
+        else:
+            import torch
+            state = torch.load(file, map_location='cpu', weights_only=True)
+            keys = list((state.get('state_dict', state) if isinstance(state, dict) else {}).keys())
+        if any('.steps.0.' in k for k in keys):
+            return str(file)
+    return None
 
 
 def _entrypoint(base: str):

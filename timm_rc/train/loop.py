@@ -141,12 +141,25 @@ def _create_model(cfg: TrainConfig) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
         raise UserError(f'unknown model {cfg.model!r}; similar names: {", ".join(close)}')
+    overlay = cfg.model_kwargs.get('pretrained_cfg_overlay')
+    file = overlay.get('file') if isinstance(overlay, dict) else None
+    if cfg.model_kwargs.get('pretrained') and file and not Path(file).is_file():
+        raise UserError(f'the starting weights {file} (model_kwargs pretrained_cfg_overlay) do not exist; give the file '
+                        f'written by python -m timm_rc.convert or a training run\'s model.safetensors')
     try:
         model = timm.create_model(cfg.model, **cfg.model_kwargs)
     except (TypeError, ValueError) as e:
         hint = (' (sample_steps needs an RC network that can change its step count, e.g. rc4_cifar)'
                 if cfg.sample_steps is not None else '')
         raise UserError(f'cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}{hint}') from None
+    except (RuntimeError, OSError) as e:
+        if not cfg.model_kwargs.get('pretrained'):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and 'Error(s) in loading state_dict' in lines[0] else (lines or [repr(e)])[0]
+        raise UserError(f'the starting weights {file or "(pretrained)"} do not fit {cfg.model} with model_kwargs '
+                        f'{ {k: v for k, v in cfg.model_kwargs.items() if k not in INIT_KWARGS} }: {detail[:300]}; '
+                        f'give the model and kwargs they were written for') from None
     if cfg.sample_steps is not None and not callable(getattr(model, 'set_steps', None)):
         raise UserError(f'sample_steps needs an RC network that can change its step count (set_steps, e.g. '
                         f'rc4_cifar); {cfg.model} cannot')
@@ -338,18 +351,21 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     _sampled_model_kwargs(cfg)
     set_seed(cfg.seed)  # the same initial weights on every process
     train_raw, test_raw, image_col, label_col, num_classes, _ = load_dataset_splits(cfg.dataset, cfg.data_dir)
-    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col):
-        loader = 'timm'  # images of any size and mode: timm's pipeline in DataLoader workers
     model = _create_model(cfg)
+    in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
+    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col, in_chans=in_chans):
+        loader = 'timm'  # images of any size and mode: timm's pipeline in DataLoader workers
     where = cfg.data_dir or cfg.dataset
     if loader == 'timm':
         train_tf, eval_tf = timm_transforms(model)
-        in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
         train_split = TimmImageDataset(train_raw, image_col, label_col, train_tf, in_chans, cfg.max_train_samples)
         test_split = TimmImageDataset(test_raw, image_col, label_col, eval_tf, in_chans, cfg.max_eval_samples)
     else:
         train_split = decode_split(train_raw, image_col, label_col, cfg.max_train_samples, f'dataset {where}')
         test_split = decode_split(test_raw, image_col, label_col, cfg.max_eval_samples, f'dataset {where}')
+        if train_split.images.shape[1] != in_chans:
+            raise UserError(f'the images of {where} have {train_split.images.shape[1]} channels and {cfg.model} takes '
+                            f'{in_chans}; --loader timm converts them (or leave loader at auto)')
     if model.num_classes != num_classes:
         raise UserError(
             f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
