@@ -361,7 +361,7 @@ def test_bad_yaml_key_names_the_file(tmp_path, capsys):
 
 @pytest.mark.parametrize('make,message', [
     (lambda d: d.mkdir(), 'holds no parquet files'),
-    (lambda d: make_parquet(d, splits=('train',)), 'has no test split; it has: train'),
+    (lambda d: make_parquet(d, splits=('train',)), 'has no test (or validation) split; it has: train'),
     (lambda d: make_parquet(d, label='target_str_not_classlabel'), None),
 ])
 def test_bad_data_folders(make, message, tmp_path, capsys):
