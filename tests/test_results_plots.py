@@ -282,3 +282,18 @@ def test_collect_skips_files_that_are_no_run_summary(tmp_path, capsys):
     capsys.readouterr()
     assert [Path(r['path']).name for r in results.collect([tmp_path / 'runs'])] == ['good']
     assert 'other/summary.json: not a timm_rc run summary' in capsys.readouterr().err
+
+
+def test_a_command_piped_into_head_ends_quietly():
+    """ Every python -m timm_rc.<command> runs its main() through timm_rc._cli.run: output larger than a pipe
+    holds, read by a reader that stops early, ends without a BrokenPipeError traceback. """
+    import subprocess
+    import sys
+    code = "from timm_rc._cli import run; run(lambda: print('row\\n' * 100_000))"
+    p = subprocess.run(f'{sys.executable} -c "{code}" | head -c 10', shell=True, capture_output=True, text=True,
+                       timeout=60)
+    assert 'Traceback' not in p.stderr and 'BrokenPipeError' not in p.stderr, p.stderr[-500:]
+    assert p.stdout == 'row\nrow\nro'
+    for command in ('compress', 'convert', 'eval', 'plots', 'results', 'sweep'):
+        source = (Path(__file__).resolve().parents[1] / 'timm_rc' / f'{command}.py').read_text()
+        assert source.rstrip().endswith("from timm_rc._cli import run\n    run(main)"), command

@@ -811,4 +811,5 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == '__main__':
-    main()
+    from timm_rc._cli import run
+    run(main)

@@ -116,4 +116,5 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
 
 
 if __name__ == '__main__':
-    main()
+    from timm_rc._cli import run
+    run(main)

@@ -652,4 +652,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dic
 
 
 if __name__ == '__main__':
-    main()
+    from timm_rc._cli import run
+    run(main)

@@ -200,4 +200,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from timm_rc._cli import run
+    run(main)

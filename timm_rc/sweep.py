@@ -599,4 +599,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from timm_rc._cli import run
+    run(main)
