@@ -3,7 +3,6 @@ static int8 through PT2E with weight-shared convolutions, and the command's bad 
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,13 @@ import torch
 from torch import nn
 
 import timm_rc  # noqa: F401
-from test_train import TINY, make_parquet, run
-from timm_rc.compress import (SCALE_SUFFIX, activation_bytes, compression_report, dequantize_tensor, load_quantized,
+from timm_rc.compress import (SCALE_SUFFIX, activation_bytes, dequantize_tensor, load_quantized,
                               main, model_size, quantize_state_dict, quantize_tensor, save_quantized, static_int8,
                               untie_shared_weights, weights_bytes)
 from timm_rc.eval import load_model
 
 W8 = dict(width=8, block='postact')
 RC4_W8_PARAMS, PLAIN4_W8_PARAMS = 20_786, 79_538  # rc4_cifar and rc4_unshared_cifar at width 8
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    """ A finished 1-epoch run of rc4_cifar at width 4 on a tiny parquet dataset. """
-    root = tmp_path_factory.mktemp('project')
-    make_parquet(root / 'data')
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        summary = run(['--data_dir', 'data', '--epochs', '1', '--output_dir', 'runs/tiny/seed0', *TINY])
-    finally:
-        os.chdir(here)
-    return root, root / 'runs' / 'tiny' / 'seed0', summary
 
 
 def digests(folder: Path):

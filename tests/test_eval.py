@@ -1,6 +1,5 @@
 """ `python -m timm_rc.eval` and `timm_rc.eval.evaluate`, the one evaluation of the trainer and every command. """
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,20 +17,6 @@ from timm_rc.train import UserError, reset_accelerate_state
 from timm_rc.train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    """ A finished 1-epoch run, trained the way people do: from its project folder, with relative paths. """
-    root = tmp_path_factory.mktemp('project')
-    make_parquet(root / 'data')
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        summary = run(['--data_dir', 'data', '--epochs', '1', '--output_dir', 'runs/tiny/seed0', *TINY])
-    finally:
-        os.chdir(here)
-    return root, root / 'runs' / 'tiny' / 'seed0', summary
 
 
 def eval_json(argv, capsys):
