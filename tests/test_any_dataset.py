@@ -112,3 +112,31 @@ def test_cifar_sized_grayscale_images_are_converted_not_crashed(tmp_path):
     with pytest.raises(UserError, match=r'have 1 channels and rc4_cifar takes 3; --loader timm converts them'):
         run([*common, '--loader', 'dataloader', '--output_dir', str(tmp_path / 'tensor')])
     assert not (tmp_path / 'tensor').exists()
+
+
+def test_a_test_split_unlike_the_training_split_goes_through_timm_or_is_refused(tmp_path):
+    """ Training images RGB 32x32, test images grayscale or 48x48: auto takes timm's pipeline (converted,
+    resized and cropped to the model's input); the tensor path, forced, says why it cannot. """
+    import datasets
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=['a', 'b', 'c']))
+
+    def write(folder, split, n, size, mode):
+        shape = (size, size, 3) if mode == 'RGB' else (size, size)
+        images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(n)]
+        datasets.Dataset.from_dict({'image': images, 'label': [i % 3 for i in range(n)]}, features=features).to_parquet(
+            str(folder / f'{split}.parquet'))
+
+    from timm_rc.train import UserError
+    for name, size, mode, message in (('gray_test', 32, 'L', r'the test images of .* have 1 channels'),
+                                      ('big_test', 48, 'RGB', r'the test images of .* are \(48, 48\) and the training')):
+        folder = tmp_path / name
+        folder.mkdir()
+        write(folder, 'train', 16, 32, 'RGB')
+        write(folder, 'test', 8, size, mode)
+        common = ['--model_kwargs', '{"width": 4, "num_classes": 3}', '--data_dir', str(folder), '--epochs', '1',
+                  '--batch_size', '8', '--num_workers', '0', '--log_with', 'none']
+        assert run([*common, '--output_dir', str(tmp_path / f'{name}_auto')])['loader'] == 'timm'
+        with pytest.raises(UserError, match=message):
+            run([*common, '--loader', 'dataloader', '--output_dir', str(tmp_path / f'{name}_tensor')])

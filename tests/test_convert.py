@@ -330,3 +330,15 @@ def test_convert_refuses_to_write_into_the_run_and_names_a_missing_source(tmp_pa
     assert code == 2 and 'runs/missing does not exist' in err
     code, out, err = convert_cli(['runs/r10', '--output', 'shared.safetensors', '--bn_sharing', 'shared'], capsys)
     assert code == 0 and '"bn_sharing": "shared"' in out and '--model rc2_cifar' in out
+
+
+def test_the_printed_load_line_of_a_converted_timm_model_works(tmp_path, capsys):
+    out = tmp_path / 'rc18_shared.safetensors'
+    code, printed, err = convert_cli(['resnet18', '--model_kwargs', '{"num_classes": 3}', '--bn_sharing', 'shared',
+                                      '--output', str(out)], capsys)
+    assert code == 0, err
+    assert 'note: resnet18 was built with random weights' in printed
+    line = next(x for x in printed.splitlines() if x.startswith('load it with '))
+    assert "num_classes=3, bn_sharing='shared', pretrained=True" in line
+    model = eval(line.removeprefix('load it with '), {'timm': timm})  # the very line a user would paste
+    assert isinstance(model.layer1[0], Unrolled) and model.layer1[0].bn_sharing == 'shared' and model.num_classes == 3

@@ -102,7 +102,14 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
             print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
                   f'--model_kwargs \'{{"pretrained": true}}\'')
         if arch.startswith('rc_') or arch in RC_BASES:
-            print(f'load it with timm.create_model(\'rc_{arch.removeprefix("rc_")}\', pretrained=True, '
+            from .train.loop import INIT_KWARGS
+            kw = {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}
+            if args.bn_sharing != 'independent':
+                kw['bn_sharing'] = args.bn_sharing
+            if steps is not None:
+                kw['steps'] = steps
+            extra = ''.join(f', {k}={v!r}' for k, v in kw.items())
+            print(f'load it with timm.create_model(\'rc_{arch.removeprefix("rc_")}\'{extra}, pretrained=True, '
                   f'pretrained_cfg_overlay=dict(file=\'{out}\'))')
         if arch in ('rc2_unshared_cifar', 'rc4_unshared_cifar'):
             shared = arch.replace('_unshared', '')

@@ -485,7 +485,8 @@ def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: 
     train, test, image_col, label_col, num_classes, class_names = load_dataset_splits(dataset, data_dir)
     chosen = test if split == 'test' else train
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if model is not None else 3
-    if loader == 'timm' or (loader in (None, 'auto') and not small_uniform_images(train, image_col, in_chans=in_chans)):
+    if loader == 'timm' or (loader in (None, 'auto') and
+                            not small_uniform_images(train, image_col, in_chans=in_chans, like=test)):
         if model is None:
             raise UserError(f'{data_dir or dataset} needs timm\'s data pipeline (images of any size), which needs the model')
         return TimmImageDataset(chosen, image_col, label_col, timm_transforms(model)[1], in_chans, max_samples), \

@@ -105,14 +105,18 @@ def load_dataset_splits(dataset: str, data_dir: Optional[str] = None):
     return ds['train'], ds[test_name], image_col, label_col, num_classes, list(ds['train'].features[label_col].names)
 
 
-def small_uniform_images(split, image_col: str, probe: int = 64, max_side: int = 64, in_chans: int = 3) -> bool:
+def small_uniform_images(split, image_col: str, probe: int = 64, max_side: int = 64, in_chans: int = 3,
+                         like=None) -> bool:
     """ Whether the split looks like CIFAR to a model of `in_chans` channels: its first `probe` images share
     one size and the model's mode (RGB, or L for one channel), at most `max_side` pixels a side (such a
-    split is decoded once to a uint8 tensor, and can live on the GPU). """
-    sizes = {(img.size, img.mode) for img in split.select(range(min(probe, len(split))))[image_col]}
-    if len(sizes) != 1:
+    split is decoded once to a uint8 tensor, and can live on the GPU); with `like` (another split), that
+    split's first images too, of the same size and mode (the test split must look like the training split). """
+    kinds = {(img.size, img.mode) for img in split.select(range(min(probe, len(split))))[image_col]}
+    if like is not None:
+        kinds |= {(img.size, img.mode) for img in like.select(range(min(probe, len(like))))[image_col]}
+    if len(kinds) != 1:
         return False
-    size, mode = next(iter(sizes))
+    size, mode = next(iter(kinds))
     return max(size) <= max_side and mode == ('RGB' if in_chans == 3 else 'L')
 
 

@@ -353,7 +353,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     train_raw, test_raw, image_col, label_col, num_classes, _ = load_dataset_splits(cfg.dataset, cfg.data_dir)
     model = _create_model(cfg)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
-    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col, in_chans=in_chans):
+    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col, in_chans=in_chans, like=test_raw):
         loader = 'timm'  # images of any size and mode: timm's pipeline in DataLoader workers
     where = cfg.data_dir or cfg.dataset
     if loader == 'timm':
@@ -363,9 +363,13 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     else:
         train_split = decode_split(train_raw, image_col, label_col, cfg.max_train_samples, f'dataset {where}')
         test_split = decode_split(test_raw, image_col, label_col, cfg.max_eval_samples, f'dataset {where}')
-        if train_split.images.shape[1] != in_chans:
-            raise UserError(f'the images of {where} have {train_split.images.shape[1]} channels and {cfg.model} takes '
-                            f'{in_chans}; --loader timm converts them (or leave loader at auto)')
+        for split_name, split in (('training', train_split), ('test', test_split)):
+            if split.images.shape[1] != in_chans:
+                raise UserError(f'the {split_name} images of {where} have {split.images.shape[1]} channels and '
+                                f'{cfg.model} takes {in_chans}; --loader timm converts them (or leave loader at auto)')
+        if test_split.images.shape[2:] != train_split.images.shape[2:]:
+            raise UserError(f'the test images of {where} are {tuple(test_split.images.shape[2:])} and the training images '
+                            f'{tuple(train_split.images.shape[2:])}; --loader timm resizes them (or leave loader at auto)')
     if model.num_classes != num_classes:
         raise UserError(
             f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
