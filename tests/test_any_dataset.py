@@ -89,6 +89,12 @@ def test_a_validation_split_stands_in_for_a_missing_test_split(mixed, tmp_path):
     from timm_rc.train.data import load_dataset_splits
     train, test, image_col, label_col, num_classes, names = load_dataset_splits('x', str(data))
     assert len(train) == 48 and len(test) == 12 and (image_col, label_col, num_classes) == ('image', 'label', 3)
+    # the evaluation names the split it used
+    import timm
+    import timm_rc  # noqa: F401
+    from timm_rc.eval import load_split
+    split, _, _ = load_split('x', str(data), 'test', None, timm.create_model('rc4_cifar', width=4, num_classes=3))
+    assert split.split_name == 'validation' and len(split) == 12
 
 
 def test_cifar_sized_grayscale_images_are_converted_not_crashed(tmp_path):

@@ -489,10 +489,11 @@ def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: 
                             not small_uniform_images(train, image_col, in_chans=in_chans, like=test)):
         if model is None:
             raise UserError(f'{data_dir or dataset} needs timm\'s data pipeline (images of any size), which needs the model')
-        return TimmImageDataset(chosen, image_col, label_col, timm_transforms(model)[1], in_chans, max_samples), \
-            num_classes, class_names
-    return decode_split(chosen, image_col, label_col, max_samples, f'dataset {data_dir or dataset}'), num_classes, \
-        class_names
+        out = TimmImageDataset(chosen, image_col, label_col, timm_transforms(model)[1], in_chans, max_samples)
+    else:
+        out = decode_split(chosen, image_col, label_col, max_samples, f'dataset {data_dir or dataset}')
+    out.split_name = str(chosen.split) if chosen.split is not None else split  # 'validation' where it stands in for test
+    return out, num_classes, class_names
 
 
 def split_loader(split: Union[ImageSplit, TimmImageDataset], batch_size: int, device: Union[str, torch.device] = 'cpu',
@@ -552,7 +553,8 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
     common = dict(
         source=source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
         model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
-        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir, split=args.split,
+        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir,
+        split=getattr(split, 'split_name', args.split),
         batch_size=batch_size, device=str(device), mixed_precision=precision, channels_last=channels_last,
     )
     if steps is not None:
@@ -567,7 +569,8 @@ def _run_and_report(args, source: Optional[str], steps: Optional[List[int]] = No
         result.to_dict(),
         source=source, model=args.model or run.get('model') or net.pretrained_cfg.get('architecture'),
         model_kwargs=(kwargs or {}) if args.model else {**run.get('model_kwargs', {}), **(kwargs or {})},
-        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir, split=args.split,
+        params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir,
+        split=getattr(split, 'split_name', args.split),
         class_names=class_names, batch_size=batch_size, device=str(device), mixed_precision=precision,
         channels_last=channels_last,
     )
