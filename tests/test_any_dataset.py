@@ -1,6 +1,4 @@
 """ train.py and the evaluation on images of any size and mode: timm's data pipeline (issue 9, part 3). """
-import json
-
 import numpy as np
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """ `timm_rc.convert_to_rc` on timm's, torchvision's and timm_rc's networks, and the registered rc_* families. """
 import copy
 import json
-import warnings
 
 import pytest
 import timm

@@ -296,4 +296,4 @@ def test_a_command_piped_into_head_ends_quietly():
     assert p.stdout == 'row\nrow\nro'
     for command in ('compress', 'convert', 'eval', 'plots', 'results', 'sweep'):
         source = (Path(__file__).resolve().parents[1] / 'timm_rc' / f'{command}.py').read_text()
-        assert source.rstrip().endswith("from timm_rc._cli import run\n    run(main)"), command
+        assert source.rstrip().endswith("from timm_rc._cli import run as run_command\n    run_command(main)"), command

@@ -811,5 +811,5 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == '__main__':
-    from timm_rc._cli import run
-    run(main)
+    from timm_rc._cli import run as run_command
+    run_command(main)
