@@ -455,7 +455,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     if accelerator.is_main_process:
         (out / 'run_config.json').write_text(json.dumps(run_config, indent=2))
         precision = 'fp32' if mixed_precision == 'no' else mixed_precision
-        accelerator.print(f'{cfg.model} {json.dumps(cfg.model_kwargs)}: {n_params:,} params, {epochs} epochs of {steps_per_epoch} steps '
+        accelerator.print(f'{cfg.model} {json.dumps(cfg.model_kwargs)}: {n_params:,} params, {epochs} epoch{"s" * (epochs != 1)} of {steps_per_epoch} steps '
                           f'(batch {global_batch} over {world} process{"es" * (world > 1)}), loader {loader}, '
                           f'{precision}, {len(train_split)}/{len(test_split)} train/test examples')
 
