@@ -49,7 +49,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .train.config import UserError
+from .train.config import INIT_KWARGS, UserError
 
 __all__ = [
     'BITS', 'model_size', 'weights_bytes', 'activation_bytes', 'cpu_latency_ms', 'compression_report',
@@ -224,8 +224,7 @@ def _model_identity(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
         name = f'{name}.{cfg["tag"]}'
     # timm's create_model records its kwargs in `_model_args` (timm 1.0.31 does; where it does not, pass
     # model_kwargs to save_quantized); where the starting weights came from is left out
-    init = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
-    return name, {k: v for k, v in (getattr(model, '_model_args', None) or {}).items() if k not in init}
+    return name, {k: v for k, v in (getattr(model, '_model_args', None) or {}).items() if k not in INIT_KWARGS}
 
 
 def _quantized_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
@@ -598,7 +597,6 @@ def _load(spec: str, kwargs: Optional[Dict[str, Any]]):
         run_dir = find_run(path)
         run = read_run(run_dir) if run_dir is not None else {}
         name = run.get('model') or net.pretrained_cfg.get('architecture')
-        from .train.loop import INIT_KWARGS  # where the run's starting weights came from is not the model
         kwargs = {k: v for k, v in run.get('model_kwargs', {}).items() if k not in INIT_KWARGS}
         return net, run_dir, name, {**kwargs, **_legacy_block(path)}
     if '/' in spec or spec.startswith('.'):

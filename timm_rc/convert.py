@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from .conversion import RCConversion, convert_to_rc
 from .layers.unroll import BN_SHARING
 from .models.rc_timm import RC_FAMILIES as RC_BASES
-from .train.config import UserError
+from .train.config import INIT_KWARGS, UserError
 
 __all__ = ['main']
 
@@ -102,7 +102,6 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
             print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
                   f'--model_kwargs \'{{"pretrained": true}}\'')
         if arch.startswith('rc_') or arch in RC_BASES:
-            from .train.loop import INIT_KWARGS
             kw = {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}
             if args.bn_sharing != 'independent':
                 kw['bn_sharing'] = args.bn_sharing
@@ -113,7 +112,6 @@ def main(argv: Optional[Sequence[str]] = None) -> RCConversion:
                   f'pretrained_cfg_overlay=dict(file=\'{out}\'))')
         if arch in ('rc2_unshared_cifar', 'rc4_unshared_cifar'):
             shared = arch.replace('_unshared', '')
-            from .train.loop import INIT_KWARGS
             kw = {k: v for k, v in run_kwargs.items() if k not in ('share_weights', 'steps', *INIT_KWARGS)}
             if args.bn_sharing != 'independent':
                 kw['bn_sharing'] = args.bn_sharing

@@ -28,6 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .train.config import INIT_KWARGS
+
 __all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table']
 
 # (model, bn_sharing) -> {dataset: test error %}; paper-notes.md, Tables 1 and 2
@@ -61,7 +63,6 @@ IGNORED = {'seed', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 
 SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
 MAX_JSON_BYTES = 1 << 20  # a run's summary.json / run_config.json is a few KB
 SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from'}
-INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
 ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
          'momentum', 'weight_decay', 'warmup_epochs', 'clip_grad_value', 'label_smoothing', 'max_steps',
          'mixed_precision']

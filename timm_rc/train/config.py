@@ -21,6 +21,11 @@ import yaml
 __all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs', 'config_help', 'wants_help']
 
 
+# model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
+# left out of a run's config.json and of what identifies its network
+INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+
+
 class UserError(Exception):
     """ A problem with the user's config, data or files: reported as one clear line, exit code 2. """
 

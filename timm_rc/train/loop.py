@@ -31,7 +31,7 @@ from .checkpoint import checkpoint_problem, choose_checkpoint, complete_checkpoi
     read_trainer_state, remove_partial, save_checkpoint, writing
 from .lock import RunLock, run_on_main
 from ..models import RCNet
-from .config import TrainConfig, UserError, config_help, load_config, paper_epochs, wants_help
+from .config import INIT_KWARGS, TrainConfig, UserError, config_help, load_config, paper_epochs, wants_help
 from .data import BatchedTensorDataset, GpuBatches, TimmImageDataset, augment, collate_batch, decode_split, \
     epoch_generator, load_dataset_splits, small_uniform_images, timm_transforms, \
     normalize
@@ -117,9 +117,6 @@ def _num_workers(cfg: TrainConfig) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     return max(0, min(8, cores // local - 1))
-
-
-INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
 
 
 def _sampled_model_kwargs(cfg: TrainConfig) -> None:
