@@ -14,6 +14,7 @@ import timm_rc  # noqa: F401
 from timm_rc.compress import (SCALE_SUFFIX, activation_bytes, dequantize_tensor, load_quantized,
                               main, model_size, quantize_state_dict, quantize_tensor, save_quantized, static_int8,
                               untie_shared_weights, weights_bytes)
+from cli_helpers import exits_2 as _exits_2, json_result
 from timm_rc.eval import load_model
 
 W8 = dict(width=8, block='postact')
@@ -26,19 +27,11 @@ def digests(folder: Path):
 
 
 def call(argv, capsys):
-    capsys.readouterr()
-    result = main([*argv, '--json'])
-    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
-    return result
+    return json_result(main, argv, capsys)
 
 
 def exits_2(argv, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and 'Traceback' not in err and err.count('\n') == 1, err
-    return err
+    return _exits_2(main, argv, capsys)
 
 
 def distinct_bn_stats(model: nn.Module, batches=5) -> nn.Module:

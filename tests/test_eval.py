@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from test_train import SHARED_CIFAR10, TINY, make_parquet, run
+from cli_helpers import exits_2 as _exits_2, json_result
 from timm_rc.eval import EvalResult, evaluate, load_model, main, model_mean_std
 from timm_rc.train import UserError, reset_accelerate_state
 from timm_rc.train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
@@ -20,20 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def eval_json(argv, capsys):
-    capsys.readouterr()
-    report = main([*argv, '--json'])
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(json.dumps(report))
-    return printed
+    return json_result(main, argv, capsys)
 
 
 def exits_2(argv, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and 'Traceback' not in err and err.count('\n') == 1, err
-    return err
+    return _exits_2(main, argv, capsys)
 
 
 # ---- a finished run gives exactly its summary's test error ------------------------------------
