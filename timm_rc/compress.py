@@ -54,7 +54,7 @@ from .train.config import INIT_KWARGS, UserError
 __all__ = [
     'BITS', 'model_size', 'weights_bytes', 'activation_bytes', 'cpu_latency_ms', 'compression_report',
     'quantize_tensor', 'dequantize_tensor', 'quantize_state_dict', 'save_quantized', 'load_quantized',
-    'quantized_metadata',
+    'quantized_metadata', 'dequantize_state_dict',
     'quantized_name', 'untie_shared_weights', 'static_int8', 'Int8Model', 'main',
 ]
 
@@ -213,6 +213,15 @@ def quantize_state_dict(model: nn.Module, bits: int, group_size: int = DEFAULT_G
     return tensors, shapes
 
 
+def dequantize_state_dict(tensors: Dict[str, torch.Tensor], shapes: Dict[str, List[int]], bits: int,
+                          group_size: int = DEFAULT_GROUP_SIZE) -> Dict[str, torch.Tensor]:
+    """ The fp32 state_dict of `quantize_state_dict`'s (tensors, shapes). """
+    state = {k: v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX) and k not in shapes}
+    for key, shape in shapes.items():
+        state[key] = dequantize_tensor(tensors[key], tensors[key + SCALE_SUFFIX], shape, bits, group_size)
+    return state
+
+
 def quantized_name(bits: int) -> str:
     return f'model.int{bits}.safetensors'
 
@@ -233,14 +242,15 @@ def _quantized_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str])
 
 
 def _quantize_to_bytes(model: nn.Module, bits: int, group_size: int, model_name: Optional[str],
-                       model_kwargs: Optional[Dict[str, Any]]) -> bytes:
+                       model_kwargs: Optional[Dict[str, Any]]):
+    """ (the quantized file's bytes, its tensors, the quantized weights' shapes). """
     tensors, shapes = quantize_state_dict(model, bits, group_size)
     name, kwargs = _model_identity(model)
     metadata = {'format': FORMAT, 'bits': str(bits), 'group_size': str(group_size),
                 'model': model_name or name or '', 'model_kwargs': json.dumps(model_kwargs if model_kwargs is not None
                                                                           else kwargs),
                 'quantized': json.dumps(shapes)}
-    return _quantized_bytes(tensors, metadata)
+    return _quantized_bytes(tensors, metadata), tensors, shapes
 
 
 def save_quantized(model: nn.Module, path: Union[str, Path], bits: int, group_size: int = DEFAULT_GROUP_SIZE,
@@ -249,7 +259,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], bits: int, group_si
     model_kwargs that `load_quantized` rebuilds: `model_name` / `model_kwargs`, by default the model's
     `pretrained_cfg` architecture and the kwargs timm's create_model recorded). Written to a temporary file and renamed, so an existing
     file is replaced whole or not at all. Returns the file's size in bytes. """
-    data = _quantize_to_bytes(model, bits, group_size, model_name, model_kwargs)
+    data = _quantize_to_bytes(model, bits, group_size, model_name, model_kwargs)[0]
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     try:
@@ -296,9 +306,7 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
         if not metadata.get('model'):
             raise UserError(f'{path} does not name its model; pass the model to load_quantized')
         model = _create(metadata['model'], json.loads(metadata.get('model_kwargs') or '{}'))
-    state = {k: v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX) and k not in shapes}
-    for key, shape in shapes.items():
-        state[key] = dequantize_tensor(tensors[key], tensors[key + SCALE_SUFFIX], shape, bits, group_size)
+    state = dequantize_state_dict(tensors, shapes, bits, group_size)
     problems = _mismatch(model, state)
     if problems:
         named = f'{metadata["model"]} {metadata.get("model_kwargs") or ""}'.strip()
@@ -508,17 +516,11 @@ def compression_report(
     if evaluate_fn is not None:
         row['top1_error'] = evaluate_fn(model)
     for b in bits:
-        data = _quantize_to_bytes(model, b, group_size, None, None)
+        data, tensors, shapes = _quantize_to_bytes(model, b, group_size, None, None)
         row[f'int{b}_bytes'] = len(data)
         if evaluate_fn is not None:
-            from safetensors.torch import load
             quantized = copy.deepcopy(model)
-            tensors = load(data)
-            shapes = {k: list(v.shape) for k, v in _unique_tensors(model).items()}
-            state = {k: v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX)}
-            for key in _quantizable(model, shapes):
-                state[key] = dequantize_tensor(tensors[key], tensors[key + SCALE_SUFFIX], shapes[key], b, group_size)
-            quantized.load_state_dict(state, strict=True)
+            quantized.load_state_dict(dequantize_state_dict(tensors, shapes, b, group_size), strict=True)
             row[f'int{b}_top1_error'] = evaluate_fn(quantized.eval())
     return row
 

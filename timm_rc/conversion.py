@@ -237,16 +237,8 @@ def convert_to_rc(
         blocks = [seq._modules[c] for c in child_names]
         n = len(blocks)
         k = n if k is None else k
-        sources = step_map(k, n, bn_policy)  # block whose BN (and drop rate) serves each step
         params_before = sum(_params(b) for b in blocks)
-        bn_states = [[m.state_dict() for m in b.modules() if _is_bn(m)] for b in blocks]
-        rates = _drop_rates(blocks)
-        cell = unroll(blocks[0], k, bn_sharing=bn_sharing,
-                      drop_path=[rates[s] for s in sources] if rates is not None else None)
-        if bn_sharing == 'independent':
-            for j, step in enumerate(cell.steps):
-                for bn, state in zip([m for m in step.modules() if _is_bn(m)], bn_states[sources[j]]):
-                    bn.load_state_dict(state)
+        cell = _unroll_blocks(blocks, k, bn_sharing, bn_policy)
         new = OrderedDict()
         for child_name, child in seq._modules.items():
             if child_name == child_names[0]:
@@ -260,6 +252,22 @@ def convert_to_rc(
     return report
 
 
+def _unroll_blocks(blocks: List[nn.Module], k: int, bn_sharing: str, bn_policy: str = DEFAULT_BN_POLICY,
+                   before_step: Optional[Dict[int, nn.Module]] = None) -> Unrolled:
+    """ One cell of `k` steps sharing the first block's weights; with 'independent' BN, step j keeps a copy of
+    the BN layers (and the drop-path rate) of the block `step_map(k, len(blocks), bn_policy)` names. """
+    sources = step_map(k, len(blocks), bn_policy)
+    bn_states = [[m.state_dict() for m in b.modules() if _is_bn(m)] for b in blocks]
+    rates = _drop_rates(blocks)
+    cell = unroll(blocks[0], k, bn_sharing=bn_sharing, before_step=before_step,
+                  drop_path=[rates[i] for i in sources] if rates is not None else None)
+    if bn_sharing == 'independent':
+        for step, source in zip(cell.steps, sources):
+            for bn, state in zip([m for m in step.modules() if _is_bn(m)], bn_states[source]):
+                bn.load_state_dict(state)
+    return cell
+
+
 def _share_cell(model: nn.Module, name: str, cell: Unrolled, bn_sharing: str, k: Optional[int]) -> SharedRun:
     """ An `Unrolled` cell with unshared weights (RCNet's ResNet-10/18 graphs) -> a weight-shared one: step 0's
     weights for every step, each step keeping its own BN layers. """
@@ -269,14 +277,8 @@ def _share_cell(model: nn.Module, name: str, cell: Unrolled, bn_sharing: str, k:
                          f'steps to run afterwards (set_steps), not steps={k}')
     blocks = list(cell.steps)
     params_before = _params(cell)
-    bn_states = [[m.state_dict() for m in b.modules() if _is_bn(m)] for b in blocks]
-    rates = _drop_rates(blocks)
     before_step = {i: m for i, m in enumerate(cell.before_step) if not isinstance(m, nn.Identity)}
-    new = unroll(blocks[0], n, bn_sharing=bn_sharing, before_step=before_step, drop_path=rates)
-    if bn_sharing == 'independent':
-        for step, states in zip(new.steps, bn_states):
-            for bn, state in zip([m for m in step.modules() if _is_bn(m)], states):
-                bn.load_state_dict(state)
+    new = _unroll_blocks(blocks, n, bn_sharing, before_step=before_step)
     parent_name, _, attr = name.rpartition('.')
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return SharedRun(container=name, blocks=[f'steps.{i}' for i in range(n)], block_type=type(blocks[0]).__name__,
