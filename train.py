@@ -3,9 +3,10 @@
     accelerate launch train.py --config train_configs/rc4_cifar10.yaml [--key value ...]
     python train.py --model rc4_cifar --data_dir ../shared/data/cifar10 --epochs 1
 
-The loop lives in `timm_rc.train` (also installed as the `timm-rc-train` command).
+The command line lives in `timm_rc.cli.train` (also installed as `timm-rc-train`), the loop in
+`timm_rc.train`.
 """
-from timm_rc.train import main
+from timm_rc.cli.train import main, run
 
 if __name__ == '__main__':
-    main()
+    run()

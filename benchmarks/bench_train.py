@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from timm_rc.train import load_config, reset_accelerate_state, train
-from timm_rc.train.data import load_image_splits
+from timm_rc.data import load_image_splits
 
 
 def main():

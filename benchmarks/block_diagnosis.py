@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import timm_rc  # noqa: F401  registers the models
-from timm_rc.train.data import augment, epoch_generator, load_image_splits, normalize
+from timm_rc.data import augment, epoch_generator, load_image_splits, normalize
 
 
 def rms(x: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 PT2E folds each BN into the weight of the convolution in front of it, in place; in an RC network one
 convolution weight feeds k calls, each followed by its own per-step BN, so every BN is folded into the
 same tensor (pytorch/ao pull request 2795). This script measures the relative L2 error of the int8
-output against fp32 with and without `timm_rc.compress.untie_shared_weights`, on width-8 post-activation
+output against fp32 with and without `timm_rc.quantize.pt2e.untie_shared_weights`, on width-8 post-activation
 models whose per-step BN statistics were made distinct by 30 training-mode batches, on random inputs.
 
     python benchmarks/int8_bn_folding.py [--json benchmarks/results/int8_bn_folding_cpu.json]
@@ -16,7 +16,7 @@ import timm
 import torch
 
 import timm_rc  # noqa: F401
-from timm_rc.compress import static_int8
+from timm_rc.quantize import static_int8
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
             ref = model(x)
             fixed = static_int8(model, calib, compile=False)
             err_fixed = ((fixed(x) - ref).norm() / ref.norm()).item()
-            with mock.patch('timm_rc.compress.untie_shared_weights', lambda gm: 0):
+            with mock.patch('timm_rc.quantize.pt2e.untie_shared_weights', lambda gm: 0):
                 upstream = static_int8(model, calib, compile=False)
             err_upstream = ((upstream(x) - ref).norm() / ref.norm()).item()
         rows.append(dict(model=name, untied_calls=fixed.untied, rel_l2_upstream=err_upstream, rel_l2_untied=err_fixed,

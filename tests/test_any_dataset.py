@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from test_train import run
-from timm_rc.eval import main as eval_main
+from timm_rc.cli.eval import main as eval_main
 
 
 def make_mixed_parquet(folder, n_train=48, n_test=12, num_classes=3, seed=0):
@@ -60,7 +60,7 @@ def test_a_timm_family_on_mixed_images_with_workers(mixed, tmp_path):
 def test_the_timm_transform_gives_the_models_input_size(mixed):
     import timm
     import timm_rc  # noqa: F401
-    from timm_rc.eval import load_split, split_loader
+    from timm_rc.data import load_split, split_loader
     model = timm.create_model('rc4_cifar', width=4, num_classes=3)
     split, num_classes, names = load_split('x', str(mixed), 'test', None, model)
     images, labels = next(iter(split_loader(split, 12)))
@@ -84,13 +84,13 @@ def test_a_validation_split_stands_in_for_a_missing_test_split(mixed, tmp_path):
     data.mkdir()
     shutil.copy(mixed / 'train.parquet', data / 'train.parquet')
     shutil.copy(mixed / 'test.parquet', data / 'validation.parquet')
-    from timm_rc.train.data import load_dataset_splits
+    from timm_rc.data import load_dataset_splits
     train, test, image_col, label_col, num_classes, names = load_dataset_splits('x', str(data))
     assert len(train) == 48 and len(test) == 12 and (image_col, label_col, num_classes) == ('image', 'label', 3)
     # the evaluation names the split it used
     import timm
     import timm_rc  # noqa: F401
-    from timm_rc.eval import load_split
+    from timm_rc.data import load_split
     split, _, _ = load_split('x', str(data), 'test', None, timm.create_model('rc4_cifar', width=4, num_classes=3))
     assert split.split_name == 'validation' and len(split) == 12
 

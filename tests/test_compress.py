@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import timm_rc  # noqa: F401
-from timm_rc.compress import (SCALE_SUFFIX, activation_bytes, dequantize_tensor, load_quantized,
-                              main, model_size, quantize_state_dict, quantize_tensor, save_quantized, static_int8,
-                              untie_shared_weights, weights_bytes)
+from timm_rc.cli.compress import main
+from timm_rc.compression import activation_bytes, model_size, weights_bytes
+from timm_rc.quantize import (SCALE_SUFFIX, dequantize_tensor, load_quantized, quantize_state_dict, quantize_tensor,
+                              save_quantized, static_int8, untie_shared_weights)
 from cli_helpers import exits_2 as _exits_2, json_result
-from timm_rc.eval import load_model
+from timm_rc.loading import load_model
 
 W8 = dict(width=8, block='postact')
 RC4_W8_PARAMS, PLAIN4_W8_PARAMS = 20_786, 79_538  # rc4_cifar and rc4_unshared_cifar at width 8
@@ -160,7 +161,7 @@ def test_static_int8_is_right_for_weight_shared_convolutions(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     # without untying, the upstream folding is wrong: the check above can fail
-    monkeypatch.setattr('timm_rc.compress.untie_shared_weights', lambda gm: 0)
+    monkeypatch.setattr('timm_rc.quantize.pt2e.untie_shared_weights', lambda gm: 0)
     with torch.no_grad():
         broken = static_int8(model, calib, compile=False)(x)
     assert ((broken - ref).norm() / ref.norm()).item() > 0.5
@@ -227,7 +228,7 @@ def test_quantize_a_run_writes_beside_its_weights_and_touches_nothing(tiny, caps
         after = digests(out)
         assert {k: v for k, v in after.items() if k != 'model.int8.safetensors'} == before  # nothing else changed
         # the written file evaluates through the evaluation command to the same error
-        from timm_rc.eval import main as eval_main
+        from timm_rc.cli.eval import main as eval_main
         capsys.readouterr()
         report = eval_main([str(written), '--data_dir', str(root / 'data'), '--json'])
         assert report['top1_error'] == r['quantized_top1_error']
@@ -253,7 +254,7 @@ def test_bad_inputs_are_one_line_and_leave_the_run_alone(tiny, tmp_path, capsys)
     # a quantized file that does not fit the model named
     save_quantized(load_model(out), tmp_path / 'w4.int8.safetensors', 8, model_name='rc4_cifar',
                    model_kwargs={'width': 4})
-    from timm_rc.eval import main as eval_main
+    from timm_rc.cli.eval import main as eval_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         eval_main([str(tmp_path / 'w4.int8.safetensors'), '--model', 'rc4_cifar', '--data_dir', str(root / 'data')])
@@ -272,7 +273,7 @@ def test_quantize_and_int8_take_a_run_folder_and_count_the_runs_examples(tiny, c
 
 
 def test_the_plain_network_of_a_registered_family_is_its_base():
-    from timm_rc.compress import _plain_network
+    from timm_rc.compression import plain_network as _plain_network
     rc = timm.create_model('rc_resnet18', num_classes=3)
     assert _plain_network(rc, 'rc_resnet18', {'num_classes': 3, 'bn_sharing': 'shared'}) == ('resnet18', {'num_classes': 3})
     assert _plain_network(timm.create_model('rc4_cifar', width=4), 'rc4_cifar', {'width': 4}) == \

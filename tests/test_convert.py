@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_rc
-import timm_rc.eval
+import timm_rc.loading
 from timm_rc import Unrolled, convert_to_rc, find_runs
 
 # (params before, after) by the rule: total minus the non-BN parameters of every block of a run after its first
@@ -252,7 +252,7 @@ def test_timm_contract_of_the_families(name):
 
 
 def convert_cli(argv, capsys):
-    from timm_rc.convert import main
+    from timm_rc.cli.convert import main
     capsys.readouterr()
     try:
         main(argv)
@@ -276,7 +276,7 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     assert "--model rc4_cifar --model_kwargs '{\"width\": 4, \"pretrained\": true" in out
     rc4 = timm.create_model('rc4_cifar', width=4, pretrained=True,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'converted/rc4.safetensors')))
-    plain = timm_rc.eval.load_model(tmp_path / 'runs/r18').eval()
+    plain = timm_rc.loading.load_model(tmp_path / 'runs/r18').eval()
     assert torch.equal(rc4.cell2.steps[3].conv1.weight, plain.cell2.steps[0].conv1.weight)
     assert torch.equal(rc4.cell2.steps[3].bn1.running_mean, plain.cell2.steps[3].bn1.running_mean)
     kwargs = json.dumps({'width': 4, 'pretrained': True, 'pretrained_cfg_overlay': {'file': 'converted/rc4.safetensors'}})
@@ -285,7 +285,7 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     # the finished run loads without the file it started from
     (tmp_path / 'converted/rc4.safetensors').unlink()
     assert 'pretrained' not in json.loads((tmp_path / 'runs/ft/config.json').read_text())['model_args']
-    from timm_rc.eval import main as eval_main
+    from timm_rc.cli.eval import main as eval_main
     assert eval_main(['runs/ft'])['top1_error'] == summary['test_top1_error']
     # nothing left to share: one line, exit 2, nothing written
     code, out, err = convert_cli(['runs/ft', '--output', 'again.safetensors'], capsys)

@@ -13,9 +13,11 @@ from timm.utils import accuracy
 
 from test_train import SHARED_CIFAR10, TINY, make_parquet, run
 from cli_helpers import exits_2 as _exits_2, json_result
-from timm_rc.eval import EvalResult, evaluate, load_model, main, model_mean_std
+from timm_rc.cli.eval import main
+from timm_rc.evaluation import EvalResult, evaluate, model_mean_std
+from timm_rc.loading import load_model
 from timm_rc.train import UserError, reset_accelerate_state
-from timm_rc.train.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
+from timm_rc.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,7 +208,7 @@ def test_a_slice_of_the_real_cifar10(capsys):
 def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
     import shutil
     import timm
-    from timm_rc.eval import load_model
+    from timm_rc.loading import load_model
     model = timm.create_model('rc2_cifar', width=4, block='preact')
     run = tmp_path / 'old'
     from timm.models import save_for_hf

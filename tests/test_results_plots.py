@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_rc import plots, results
+from timm_rc import figures as plots, tables as results
+from timm_rc.cli.results import main as results_main
 
 # run_config.json as the trainer writes it (timm_rc/train/loop.py: the config plus resolved values)
 BASE_CONFIG = dict(
@@ -125,10 +126,10 @@ def test_a_seed_run_twice_counts_once_with_its_newest_run(tmp_path, capsys):
     make_run(tmp_path / 'first/seed0', err=80.0, mtime=1_000_000)
     make_run(tmp_path / 'again/seed0', err=75.0, mtime=2_000_000)
     make_run(tmp_path / 'first/seed1', err=77.0, seed=1)
-    capsys.readouterr()
-    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True))
+    warnings = []
+    (row,) = rows(results.table(results.collect([tmp_path]), markdown=True, on_warning=warnings.append))
     assert (row['runs'], row['seeds'], row['test err % (ours)']) == ('2', '0,0!,1', '76.00 ± 1.41')
-    assert capsys.readouterr().err == (
+    assert '\n'.join(warnings) + '\n' == (
         f'warning: RC-4 on cifar10: seed 0 was run 2 times ({tmp_path}/first/seed0, {tmp_path}/again/seed0); '
         f'counting only the newest, {tmp_path}/again/seed0\n')
 
@@ -154,7 +155,7 @@ def test_public_api_keeps_its_signatures(tmp_path, capsys):
     text = results.table(runs, markdown=False).splitlines()
     assert text[0].split() == ['model', 'kwargs', 'dataset', 'setting', 'runs', 'seeds', 'epochs', 'params', 'test',
                                'err', '%', '(ours)', 'paper']
-    results.main([str(tmp_path), '--markdown'])
+    results_main([str(tmp_path), '--markdown'])
     assert capsys.readouterr().out.splitlines()[2] == \
         '| RC-4 |  | cifar10 |  | 1 | 0 | 160/160 | 1,262,922 | 10.00 | 7.65 |'
 
@@ -267,10 +268,10 @@ def test_collect_skips_a_summary_that_is_no_regular_file(tmp_path, capsys):
     bad.mkdir(parents=True)
     (bad / 'summary.json').symlink_to('/dev/zero')
     (bad / 'run_config.json').symlink_to('/dev/zero')
-    capsys.readouterr()
-    runs = results.collect([tmp_path / 'runs'])
+    skipped = []
+    runs = results.collect([tmp_path / 'runs'], on_skip=skipped.append)
     assert [Path(r['path']).name for r in runs] == ['good']
-    err = capsys.readouterr().err
+    err = '\n'.join(skipped)
     assert 'skipping' in err and 'bad/summary.json: not a regular file' in err
 
 
@@ -279,21 +280,26 @@ def test_collect_skips_files_that_are_no_run_summary(tmp_path, capsys):
     other = tmp_path / 'runs' / 'other'
     other.mkdir()
     (other / 'summary.json').write_text(json.dumps({'accuracy': 0.9}))  # some other tool's summary
-    capsys.readouterr()
-    assert [Path(r['path']).name for r in results.collect([tmp_path / 'runs'])] == ['good']
+    skipped = []
+    assert [Path(r['path']).name for r in results.collect([tmp_path / 'runs'], on_skip=skipped.append)] == ['good']
+    assert 'other/summary.json: not a timm_rc run summary' in '\n'.join(skipped)
+    # the command says it on stderr
+    results_main([str(tmp_path / 'runs')])
     assert 'other/summary.json: not a timm_rc run summary' in capsys.readouterr().err
 
 
 def test_a_command_piped_into_head_ends_quietly():
-    """ Every python -m timm_rc.<command> runs its main() through timm_rc._cli.run: output larger than a pipe
+    """ Every python -m timm_rc.<command> runs its main() through timm_rc.cli.common.run: output larger than a pipe
     holds, read by a reader that stops early, ends without a BrokenPipeError traceback. """
     import subprocess
     import sys
-    code = "from timm_rc._cli import run; run(lambda: print('row\\n' * 100_000))"
+    code = "from timm_rc.cli.common import run; run(lambda: print('row\\n' * 100_000))"
     p = subprocess.run(f'{sys.executable} -c "{code}" | head -c 10', shell=True, capture_output=True, text=True,
                        timeout=60)
     assert 'Traceback' not in p.stderr and 'BrokenPipeError' not in p.stderr, p.stderr[-500:]
     assert p.stdout == 'row\nrow\nro'
     for command in ('compress', 'convert', 'eval', 'plots', 'results', 'sweep'):
         source = (Path(__file__).resolve().parents[1] / 'timm_rc' / f'{command}.py').read_text()
-        assert source.rstrip().endswith("from timm_rc._cli import run as run_command\n    run_command(main)"), command
+        assert source.rstrip().endswith("from .cli.common import run\n    run(main)"), command
+        cli = (Path(__file__).resolve().parents[1] / 'timm_rc' / 'cli' / f'{command}.py').read_text()
+        assert cli.rstrip().endswith("if __name__ == '__main__':\n    run(main)"), command

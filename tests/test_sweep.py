@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from test_train import make_parquet
-from timm_rc.sweep import LOG_HEADER, Overview, Run, expand_command, grid, main
+from timm_rc.cli.sweep import main
+from timm_rc.sweep_runner import LOG_HEADER, Overview, Run, expand_command, grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / 'train_configs' / 'sweeps').glob('*.yaml'))

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from timm_rc.train import TrainConfig, UserError, load_config, reset_accelerate_state, train
-from timm_rc.train.data import GpuBatches, ImageSplit, augment, epoch_generator, load_image_splits, normalize
-from timm_rc.train.loop import StepSchedule, main
+from timm_rc.data import GpuBatches, ImageSplit, augment, epoch_generator, load_image_splits, normalize
+from timm_rc.cli.train import main
+from timm_rc.train.loop import StepSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / 'shared' / 'data' / 'cifar10'
@@ -129,7 +130,7 @@ def test_final_model_loads_in_timm_and_reproduces_the_test_error(tiny_run, tiny_
 
 
 def test_plots_and_results_table(tiny_run, tmp_path):
-    from timm_rc.plots import plot_bn, plot_curves
+    from timm_rc.figures import plot_bn, plot_curves
     from timm_rc.results import collect, table
     out, summary = tiny_run
     pngs = plot_bn(out, out=tmp_path)
@@ -683,7 +684,7 @@ def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
 
 
 def test_cpu_demo_config_and_sweep(tiny_data, tmp_path, monkeypatch):
-    from timm_rc.sweep import load_sweep, plan
+    from timm_rc.sweep_runner import load_sweep, plan
     # the sweep's paths are relative to the folder it runs from (the repository, as for `wandb agent`);
     # a copy of that layout keeps the repository's own runs/ out of the test
     for name in ('train_configs', 'train.py'):

@@ -4,24 +4,19 @@
 `unroll`, the wrapper that turns any shape-preserving residual block into a weight-shared recurrent one,
 `convert_to_rc`, which does it for every run of identical blocks of a built network,
 and `flops_per_image` (the cost axis of cost-adjustable inference, `RCNet.set_steps`).
+
+The library, below the commands (`python -m timm_rc.<verb>`, in `timm_rc.cli`):
+`runs` (a run folder), `data`, `loading`, `evaluation`, `compression`, `quantize`, `tables`,
+`figures`, `sweep_runner`, `train`.
 """
+__version__ = '0.3.0.dev0'
+
 from .layers import BN_POLICIES, BN_SHARING, InvertibleDownsample, Unrolled, step_map, unroll
 from .models import PreActBasicBlock, RCNet
 from .conversion import RCConversion, convert_to_rc, find_runs
+from .errors import UserError
+from .evaluation import flops_per_image
+from . import compression, data, evaluation, loading, quantize, runs  # noqa: F401  timm_rc.quantize.static_int8 etc.
 
-__version__ = '0.2.0'
-
-
-_SUBMODULES = ('compress', 'convert', 'eval', 'plots', 'results', 'sweep', 'train')
-
-
-def __getattr__(name):
-    # the command modules are imported on first use (timm_rc.compress.static_int8 after `import timm_rc`),
-    # so that `python -m timm_rc.eval` does not find its own module imported already
-    if name == 'flops_per_image':
-        from .eval import flops_per_image
-        return flops_per_image
-    if name in _SUBMODULES:
-        import importlib
-        return importlib.import_module(f'{__name__}.{name}')
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__all__ = ['BN_POLICIES', 'BN_SHARING', 'InvertibleDownsample', 'Unrolled', 'step_map', 'unroll', 'PreActBasicBlock',
+           'RCNet', 'RCConversion', 'convert_to_rc', 'find_runs', 'flops_per_image', 'UserError', '__version__']

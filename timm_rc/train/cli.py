@@ -1,5 +1,4 @@
-""" `timm-rc-train`: the same entry point as `python train.py` / `accelerate launch train.py`. """
-from .loop import main
-
+""" `python -m timm_rc.train.cli` (timm_rc 0.2.0's name): the trainer's command line, `timm_rc.cli.train`. """
 if __name__ == '__main__':
-    main()
+    import importlib
+    importlib.import_module('timm_rc.cli.train').run()

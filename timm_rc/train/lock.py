@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
-from .config import UserError
+from ..errors import UserError
 
 try:
     import fcntl

@@ -13,30 +13,34 @@ process draws the same k' without communicating, and a resumed run replays the s
 `python -m timm_rc.eval --steps` evaluates), `independent` one per cell. The test error of each epoch
 is measured at hi steps; metrics.jsonl records each process's draws (`train/steps_drawn`).
 """
+import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .bnstats import bn_scalars, per_step_bn, save_bn_stats
-from .checkpoint import checkpoint_problem, choose_checkpoint, complete_checkpoints, fault, latest_checkpoint, \
-    read_trainer_state, remove_partial, save_checkpoint, writing
-from .lock import RunLock, run_on_main
-from ..models import RCNet
-from .config import INIT_KWARGS, TrainConfig, UserError, config_help, load_config, paper_epochs, wants_help
-from .data import BatchedTensorDataset, GpuBatches, TimmImageDataset, augment, collate_batch, decode_split, \
-    epoch_generator, load_dataset_splits, small_uniform_images, timm_transforms, \
+from ..checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
+    save_checkpoint
+from ..config import INIT_KWARGS, TrainConfig, paper_epochs
+from ..create import create_model
+from ..data import BatchedTensorDataset, GpuBatches, Splits, augment, collate_batch, epoch_generator, load_splits, \
     normalize
+from ..errors import UserError
+from ..evaluation import evaluate, model_mean_std
+from ..models import RCNet
+from ..runs import Run
+from .bnstats import bn_scalars, per_step_bn
+from .lock import RunLock, run_on_main
 
-__all__ = ['main', 'train', 'Diverged', 'reset_accelerate_state', 'draw_steps']
+__all__ = ['train', 'Diverged', 'reset_accelerate_state', 'draw_steps', 'StepSchedule', 'RESUME_MAY_CHANGE',
+           'sampled_model_kwargs']
 
 
 class Diverged(Exception):
@@ -119,44 +123,23 @@ def _num_workers(cfg: TrainConfig) -> int:
     return max(0, min(8, cores // local - 1))
 
 
-def _sampled_model_kwargs(cfg: TrainConfig) -> None:
-    """ sample_steps [lo, hi]: the model gets BN layers for hi steps, and runs k' steps with the BN
-    layers of steps 1..k' ('first'), the ones sampled training trains for k'. """
+def sampled_model_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
+    """ The model kwargs the run builds its model with. sample_steps [lo, hi]: the model gets BN layers
+    for hi steps, and runs k' steps with the BN layers of steps 1..k' ('first'), the ones sampled
+    training trains for k'. """
     if cfg.sample_steps is None:
-        return
+        return dict(cfg.model_kwargs)
     high = cfg.sample_steps[1]
     if cfg.model_kwargs.get('steps', high) != high:
         raise UserError(f'sample_steps {cfg.sample_steps} builds the model with BN layers for its largest count, '
                         f'steps={high}, but model_kwargs sets steps={cfg.model_kwargs["steps"]}; drop it or set {high}')
-    cfg.model_kwargs = {**cfg.model_kwargs, 'steps': high, 'bn_policy': cfg.model_kwargs.get('bn_policy', 'first')}
+    return {**cfg.model_kwargs, 'steps': high, 'bn_policy': cfg.model_kwargs.get('bn_policy', 'first')}
 
 
 def _create_model(cfg: TrainConfig) -> nn.Module:
-    import timm
-    import timm_rc  # noqa: F401  registers the RC models
-    name = cfg.model.split('.')[0]
-    if not timm.is_model(name):
-        close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
-        raise UserError(f'unknown model {cfg.model!r}; similar names: {", ".join(close)}')
-    overlay = cfg.model_kwargs.get('pretrained_cfg_overlay')
-    file = overlay.get('file') if isinstance(overlay, dict) else None
-    if cfg.model_kwargs.get('pretrained') and file and not Path(file).is_file():
-        raise UserError(f'the starting weights {file} (model_kwargs pretrained_cfg_overlay) do not exist; give the file '
-                        f'written by python -m timm_rc.convert or a training run\'s model.safetensors')
-    try:
-        model = timm.create_model(cfg.model, **cfg.model_kwargs)
-    except (TypeError, ValueError) as e:
-        hint = (' (sample_steps needs an RC network that can change its step count, e.g. rc4_cifar)'
-                if cfg.sample_steps is not None else '')
-        raise UserError(f'cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}{hint}') from None
-    except (RuntimeError, OSError) as e:
-        if not cfg.model_kwargs.get('pretrained'):
-            raise
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 and 'Error(s) in loading state_dict' in lines[0] else (lines or [repr(e)])[0]
-        raise UserError(f'the starting weights {file or "(pretrained)"} do not fit {cfg.model} with model_kwargs '
-                        f'{ {k: v for k, v in cfg.model_kwargs.items() if k not in INIT_KWARGS} }: {detail[:300]}; '
-                        f'give the model and kwargs they were written for') from None
+    hint = (' (sample_steps needs an RC network that can change its step count, e.g. rc4_cifar)'
+            if cfg.sample_steps is not None else '')
+    model = create_model(cfg.model, cfg.model_kwargs, hint)
     if cfg.sample_steps is not None and not callable(getattr(model, 'set_steps', None)):
         raise UserError(f'sample_steps needs an RC network that can change its step count (set_steps, e.g. '
                         f'rc4_cifar); {cfg.model} cannot')
@@ -264,11 +247,12 @@ RESUME_MAY_CHANGE = frozenset((
     'num_processes', 'params', 'loader', 'num_workers', 'mixed_precision', 'channels_last', 'sync_bn'))
 
 
-def _check_same_run(saved_file: Path, run_config: Dict[str, Any]) -> None:
+def _check_same_run(run: Run, run_config: Dict[str, Any]) -> None:
     """ Refuse to resume a run with settings that change what it trains (model, data, optimisation). """
-    if not saved_file.is_file():
+    if not run.has_config():
         return
-    saved = json.loads(saved_file.read_text())
+    saved_file = run.path / Run.CONFIG
+    saved = run.config()
     diffs = [f'{k}: {saved.get(k)!r} in the run, {v!r} now' for k, v in run_config.items()
              if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
     if diffs:
@@ -278,7 +262,8 @@ def _check_same_run(saved_file: Path, run_config: Dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """ One run; its output folder is locked against a second run for its duration (see `RunLock`). """
+    """ One run; its output folder is locked against a second run for its duration (see `RunLock`).
+    Returns the run's summary (what summary.json holds). `cfg` is not changed. """
     lock = RunLock(cfg.resolved_output_dir())
     try:
         return _train(cfg, lock)
@@ -286,48 +271,81 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         lock.release()
 
 
-def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import TorchDynamoPlugin, set_seed
-    from tqdm.auto import tqdm
+@dataclass
+class _Setup:
+    """ Everything a run's epochs use, built once by `_set_up`. """
+    cfg: TrainConfig
+    run: Run
+    accelerator: Any
+    model: nn.Module  # as prepared by Accelerate (DDP, compiled)
+    net: nn.Module  # the model itself: set_steps acts on the wrapped model too
+    optimizer: Any
+    scheduler: Any
+    criterion: nn.Module
+    batches: Any
+    eval_loader: Any
+    splits: Splits
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool
+    epochs: int
+    steps_per_epoch: int
+    n_params: int
+    mixed_precision: str
+    run_config: Dict[str, Any]
+    trackers: List[str]
+    state: Dict[str, Any]  # epoch, global_step, best error, times: what a checkpoint's trainer_state.json holds
 
-    out = cfg.resolved_output_dir()
-    ckpt_dir = out / 'checkpoints'
+
+@dataclass
+class _EpochStats:
+    train_loss: float
+    train_acc: float
+    seconds: float
+    images: int  # over all processes
+    steps: int
+    steps_drawn: Optional[List[list]]  # sample_steps: each process's k' draws
+    stop: bool  # max_steps reached
+
+
+def _make_accelerator(cfg: TrainConfig, out: Path):
+    """ (accelerator, mixed precision, trackers, W&B mode, notes to print): every device setting checked
+    before anything is written. """
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import TorchDynamoPlugin
     cuda = torch.cuda.is_available()
     mixed_precision = ('bf16' if cuda else 'no') if cfg.mixed_precision == 'auto' else cfg.mixed_precision
-    _check_device_settings(cfg, cuda, int(os.environ.get('WORLD_SIZE', '1')), mixed_precision)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    _check_device_settings(cfg, cuda, world, mixed_precision)
     threads_note = _set_cpu_threads(cfg) if not cuda else None
     trackers, wandb_mode, wandb_note = _trackers(cfg, out)
     # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA: Accelerate only
     # sets up gloo processes (MULTI_CPU) when asked for the CPU, else every process runs alone
-    multi_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not cuda
     accelerator = Accelerator(
-        cpu=multi_cpu,
+        cpu=world > 1 and not cuda,
         mixed_precision=mixed_precision,
         log_with=trackers or None,
         project_dir=str(out),
-        step_scheduler_with_optimizer=False,  # the schedule below counts global optimizer steps
+        step_scheduler_with_optimizer=False,  # the schedule counts global optimizer steps
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=cfg.compile_mode) if cfg.compile else None,
         # with sampled step counts the BN layers of the steps not run get no gradient in that batch
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.sample_steps else None,
     )
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise UserError(f'batch_size {cfg.batch_size} (global) must be divisible by the {world} processes')
-    loader = cfg.loader if cfg.loader != 'auto' else ('gpu' if device.type == 'cuda' else 'dataloader')
-    channels_last = device.type == 'cuda' if cfg.channels_last is None else cfg.channels_last
+    return accelerator, mixed_precision, trackers, wandb_mode, [n for n in (threads_note, wandb_note) if n]
 
-    # protect an existing run: one run per folder at a time (the lock is taken before anything is
-    # written), continuing it must be asked for, and only a verified checkpoint is resumed from
-    def claim_output_dir() -> Optional[str]:
+
+def _claim_output_dir(cfg: TrainConfig, run: Run, lock: RunLock, accelerator) -> Optional[Path]:
+    """ Protect an existing run: one run per folder at a time (the lock is taken before anything is
+    written), continuing it must be asked for, and only a verified checkpoint is resumed from. Returns
+    the checkpoint to resume from, or None. The other processes wait for the main one's verdict. """
+    def claim() -> Optional[str]:
         lock.acquire()
         chosen = None
         if cfg.resume == 'auto':
-            chosen = choose_checkpoint(ckpt_dir)  # the newest good one; broken ones are set aside
+            chosen = choose_checkpoint(run.checkpoints_dir)  # the newest good one; broken ones are set aside
             if chosen is None:
-                accelerator.print(f'no complete checkpoint in {ckpt_dir}; starting from scratch')
+                accelerator.print(f'no complete checkpoint in {run.checkpoints_dir}; starting from scratch')
         elif cfg.resume:
             chosen = Path(cfg.resume)
             if not chosen.is_dir():
@@ -336,50 +354,61 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
             if problem is not None:
                 raise UserError(f'resume checkpoint {chosen} is broken: {problem}; resume with --resume (the newest '
                                 f'good checkpoint) or name another one')
-        elif complete_checkpoints(ckpt_dir) or (out / 'summary.json').exists():
-            raise UserError(f'{out} already holds a run (checkpoints or summary.json); pass --resume to continue '
+        elif run.holds_run():
+            raise UserError(f'{run.path} already holds a run (checkpoints or summary.json); pass --resume to continue '
                             f'it, or choose another output_dir')
-        remove_partial(ckpt_dir)
+        remove_partial(run.checkpoints_dir)
         return None if chosen is None else str(chosen)
 
-    resume_from = run_on_main(accelerator, claim_output_dir)  # the other processes wait for the verdict
-    resume_from = None if resume_from is None else Path(resume_from)
+    chosen = run_on_main(accelerator, claim)
+    return None if chosen is None else Path(chosen)
 
-    _sampled_model_kwargs(cfg)
+
+def _train_loader(cfg: TrainConfig, splits: Splits, device: torch.device, rank: int, world: int):
+    """ The training batches of the run's data path: the split on the GPU, timm's pipeline in DataLoader
+    workers, or a DataLoader over the uint8 tensors. """
+    global_batch = cfg.batch_size
+    if splits.path == 'gpu':
+        return GpuBatches(type(splits.train)(splits.train.images.to(device), splits.train.labels.to(device)),
+                          global_batch, cfg.seed, rank, world)
+    if splits.path == 'timm':
+        workers = _num_workers(cfg)
+        return torch.utils.data.DataLoader(
+            splits.train, batch_size=global_batch // world, shuffle=True, drop_last=True, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == 'cuda')
+    return torch.utils.data.DataLoader(BatchedTensorDataset(splits.train), batch_size=global_batch // world,
+                                       shuffle=True, drop_last=True, collate_fn=collate_batch)
+
+
+def _eval_loader(cfg: TrainConfig, splits: Splits):
+    if splits.path == 'timm':
+        return torch.utils.data.DataLoader(splits.test, batch_size=cfg.eval_batch_size, shuffle=False,
+                                           num_workers=_num_workers(cfg))
+    return torch.utils.data.DataLoader(BatchedTensorDataset(splits.test), batch_size=cfg.eval_batch_size,
+                                       shuffle=False, collate_fn=collate_batch)
+
+
+def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, trackers: List[str]) -> _Setup:
+    """ Seed, model, data, optimizer, schedule, `accelerator.prepare`: Accelerate's order. """
+    from accelerate.utils import set_seed
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    channels_last = device.type == 'cuda' if cfg.channels_last is None else cfg.channels_last
     set_seed(cfg.seed)  # the same initial weights on every process
-    train_raw, test_raw, image_col, label_col, num_classes, _ = load_dataset_splits(cfg.dataset, cfg.data_dir)
     model = _create_model(cfg)
-    in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
-    if cfg.loader == 'auto' and not small_uniform_images(train_raw, image_col, in_chans=in_chans, like=test_raw):
-        loader = 'timm'  # images of any size and mode: timm's pipeline in DataLoader workers
-    where = cfg.data_dir or cfg.dataset
-    if loader == 'timm':
-        train_tf, eval_tf = timm_transforms(model)
-        train_split = TimmImageDataset(train_raw, image_col, label_col, train_tf, in_chans, cfg.max_train_samples)
-        test_split = TimmImageDataset(test_raw, image_col, label_col, eval_tf, in_chans, cfg.max_eval_samples)
-    else:
-        train_split = decode_split(train_raw, image_col, label_col, cfg.max_train_samples, f'dataset {where}')
-        test_split = decode_split(test_raw, image_col, label_col, cfg.max_eval_samples, f'dataset {where}')
-        for split_name, split in (('training', train_split), ('test', test_split)):
-            if split.images.shape[1] != in_chans:
-                raise UserError(f'the {split_name} images of {where} have {split.images.shape[1]} channels and '
-                                f'{cfg.model} takes {in_chans}; --loader timm converts them (or leave loader at auto)')
-        if test_split.images.shape[2:] != train_split.images.shape[2:]:
-            raise UserError(f'the test images of {where} are {tuple(test_split.images.shape[2:])} and the training images '
-                            f'{tuple(train_split.images.shape[2:])}; --loader timm resizes them (or leave loader at auto)')
-    if model.num_classes != num_classes:
+    splits = load_splits(cfg.dataset, cfg.data_dir, model=model, loader=cfg.loader, device_type=device.type,
+                         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples)
+    if model.num_classes != splits.num_classes:
         raise UserError(
             f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
-            f'{num_classes} classes; use the model\'s .cifar100 tag (e.g. rc4_cifar.cifar100) or '
-            f'--model_kwargs \'{{"num_classes": {num_classes}}}\'')
-    global_batch = cfg.batch_size
-    if len(train_split) < global_batch:
-        raise UserError(f'{len(train_split)} training examples cannot fill one batch of {global_batch}')
+            f'{splits.num_classes} classes; use the model\'s .cifar100 tag (e.g. rc4_cifar.cifar100) or '
+            f'--model_kwargs \'{{"num_classes": {splits.num_classes}}}\'')
+    if len(splits.train) < cfg.batch_size:
+        raise UserError(f'{len(splits.train)} training examples cannot fill one batch of {cfg.batch_size}')
     depth = 4 * model.steps + 2 if isinstance(model, RCNet) else None  # RC-1/2/4: depth 6/10/18
     epochs = cfg.epochs or paper_epochs(depth)
     n_params = sum(p.numel() for p in model.parameters())
-    mean = torch.tensor(model.pretrained_cfg['mean'], device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(model.pretrained_cfg['std'], device=device).view(1, -1, 1, 1) * 255
+    mean, std = model_mean_std(model, device)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
@@ -388,220 +417,236 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         fused=device.type == 'cuda' or None)
-    if loader == 'gpu':
-        batches = GpuBatches(
-            type(train_split)(train_split.images.to(device), train_split.labels.to(device)),
-            global_batch, cfg.seed, rank, world)
-    elif loader == 'timm':
-        workers = _num_workers(cfg)
-        batches = torch.utils.data.DataLoader(
-            train_split, batch_size=global_batch // world, shuffle=True, drop_last=True, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=device.type == 'cuda')
-    else:
-        batches = torch.utils.data.DataLoader(
-            BatchedTensorDataset(train_split), batch_size=global_batch // world, shuffle=True, drop_last=True,
-            collate_fn=collate_batch)
-    steps_per_epoch = len(train_split) // global_batch
+    batches = _train_loader(cfg, splits, device, rank, world)
+    steps_per_epoch = len(splits.train) // cfg.batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(
         cfg.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in cfg.lr_milestones], cfg.lr_gamma))
-    if loader == 'timm':
-        eval_loader = torch.utils.data.DataLoader(test_split, batch_size=cfg.eval_batch_size, shuffle=False,
-                                                  num_workers=_num_workers(cfg))
-    else:
-        eval_loader = torch.utils.data.DataLoader(
-            BatchedTensorDataset(test_split), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_batch)
-    model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
+    model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, _eval_loader(cfg, splits))
     # safetensors refuses non-contiguous tensors, and channels_last conv weights are not contiguous
     accelerator.register_save_state_pre_hook(_contiguous_weights)
-    if loader != 'gpu':
+    if splits.path != 'gpu':
         batches = accelerator.prepare(batches)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
+    run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=splits.path,
+                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(run.path))
     state = dict(epoch=0, global_step=0, best_test_top1_error=None, train_time_s=0.0, train_images=0,
                  wall_time_s=0.0)
-    run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=loader,
-                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(out))
+    return _Setup(
+        cfg=cfg, run=run, accelerator=accelerator, model=model,
+        net=accelerator.unwrap_model(model, keep_torch_compile=False), optimizer=optimizer, scheduler=scheduler,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), batches=batches, eval_loader=eval_loader,
+        splits=splits, mean=mean, std=std, channels_last=channels_last, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, n_params=n_params, mixed_precision=mixed_precision, run_config=run_config,
+        trackers=trackers, state=state)
+
+
+def _start_trackers(s: _Setup, wandb_mode: Optional[str]) -> None:
+    """ The trackers, with the run's config (scalars only, as TensorBoard's hparams take them). A tracker
+    that cannot start (W&B: no network, a rejected key) is one line before anything is trained. """
+    cfg, accelerator = s.cfg, s.accelerator
+    tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                      for k, v in s.run_config.items()}
+    try:
+        accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
+            'wandb': {'name': cfg.run_name or str(s.run.path).removeprefix('runs/'), 'dir': str(s.run.path),
+                      **({'mode': wandb_mode} if wandb_mode else {})}})
+    except Exception as e:  # W&B: no network, a rejected key, a server error; nothing trained or lost yet
+        raise UserError(f'{", ".join(s.trackers)} could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                        f'log offline with WANDB_MODE=offline (upload later with `wandb sync`), or use --log_with '
+                        f'tensorboard or none. The run folder is untouched') from None
+    if 'wandb' in s.trackers and accelerator.is_main_process:
+        # the end-of-run summary shows the run's results, not one line per BN statistic
+        accelerator.get_tracker('wandb', unwrap=True).define_metric('bn/*', summary='none')
+
+
+def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
+    """ One pass over the training batches (up to max_steps); the epoch's one host sync is at its end. """
+    from accelerate.utils import set_seed
+    cfg, accelerator, model, net = s.cfg, s.accelerator, s.model, s.net
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    cells = 2 if cfg.sample_steps_cells == 'independent' else 1
+    model.train()
+    set_seed(cfg.seed * 1000 + epoch, device_specific=True)  # dropout etc.: a function of the epoch
+    gen = epoch_generator(cfg.seed, epoch, device, rank)
+    s.batches.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = steps = 0
+    drawn = []  # this epoch's k' draws (sample_steps)
+    host = HostScalars(device)
+    stop = False
+    t0 = last_t = time.time()
+    for images, labels in s.batches:
+        if cfg.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
+        if images.is_floating_point():  # timm's pipeline: augmented and normalised in the workers
+            x = images.contiguous(memory_format=torch.channels_last) if s.channels_last else images
+        else:
+            x = normalize(augment(images, gen), s.mean, s.std, s.channels_last)
+        if cfg.sample_steps is not None:
+            k = draw_steps(cfg.seed, s.state['global_step'], *cfg.sample_steps, cells)
+            net.set_steps(k[0] if cells == 1 else tuple(k))
+            drawn.append(k)
+        logits = model(x)
+        loss = s.criterion(logits.float(), labels)
+        accelerator.backward(loss)
+        if cfg.clip_grad_value is not None:
+            accelerator.clip_grad_value_(model.parameters(), cfg.clip_grad_value)
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        correct += (logits.argmax(-1) == labels).sum()
+        seen += labels.numel()
+        steps += 1
+        s.state['global_step'] += 1
+        fault(f'step{s.state["global_step"]}')
+        if steps % cfg.log_interval == 0 or steps == s.steps_per_epoch:
+            ready = host.push(torch.stack([loss_sum / steps, correct.float() / seen]))
+            now = time.time()
+            rate = (steps - bar.n) * labels.numel() * world / max(now - last_t, 1e-9)
+            post = dict(lr=f'{s.scheduler.get_last_lr()[0]:.4g}', img_s=f'{rate:.0f}')
+            if ready is not None:
+                # early stop on one process only; with several, every process stops together at
+                # the epoch-end check (one leaving alone would hang the others' collectives)
+                if world == 1 and not math.isfinite(ready[0]):
+                    raise Diverged(f'the training loss became {ready[0]} in epoch {epoch + 1}')
+                post = dict(loss=f'{ready[0]:.4f}', acc=f'{ready[1]:.3f}', **post)
+            bar.set_postfix(post, refresh=False)
+            bar.update(steps - bar.n)
+            last_t = now
+        if cfg.max_steps is not None and s.state['global_step'] >= cfg.max_steps:
+            stop = True
+            break
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.float()]), reduction='sum')
+    steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
+    return _EpochStats(train_loss=totals[0].item() / (steps * world), train_acc=totals[1].item() / (seen * world),
+                       seconds=time.time() - t0, images=seen * world, steps=steps, steps_drawn=steps_drawn, stop=stop)
+
+
+def _test(s: _Setup):
+    """ The test error of the epoch: the one evaluation (`timm_rc.evaluation.evaluate`), at the largest
+    sampled step count under sample_steps. """
+    if s.cfg.sample_steps is not None:
+        s.net.set_steps(s.net.steps)
+    return evaluate(s.model, s.eval_loader, mean=s.mean, std=s.std, channels_last=s.channels_last,
+                    num_classes=s.splits.num_classes, accelerator=s.accelerator)
+
+
+def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test) -> Dict[str, Any]:
+    """ Log the epoch to the trackers and the run folder (metrics, BN statistics, summary); returns the
+    summary. """
+    cfg, accelerator, state = s.cfg, s.accelerator, s.state
+    bn = per_step_bn(s.net)
+    metrics = {
+        'train/loss': stats.train_loss, 'train/acc': stats.train_acc, 'test/top1_err': test.top1_error,
+        'test/top1_acc': test.top1_acc, 'test/loss': test.loss,
+        **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
+        'lr': s.scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': stats.seconds,
+        'images_per_sec': stats.images / stats.seconds, **bn_scalars(bn),
+    }
+    try:
+        accelerator.log(metrics, step=epoch + 1)
+    except Exception as e:  # a tracker failing mid-run must not cost the run its checkpoints
+        accelerator.print(f'warning: logging epoch {epoch + 1} to {", ".join(s.trackers)} failed '
+                          f'({type(e).__name__}: {e}); training goes on, metrics.jsonl has every epoch')
+    if accelerator.is_main_process:
+        s.run.save_bn_stats(bn, epoch + 1)
+        line = {k: v for k, v in metrics.items() if not k.startswith('bn/')}
+        if stats.steps_drawn is not None:  # a list per process: not a tracker scalar, metrics.jsonl only
+            line['train/steps_drawn'] = stats.steps_drawn
+        s.run.append_metrics(line)
+    accelerator.print(f'epoch {epoch + 1}/{s.epochs}: train loss {stats.train_loss:.4f} acc '
+                      f'{100 * stats.train_acc:.2f}% | test top-1 error {test.top1_error:.2f}% | '
+                      f'{stats.images / stats.seconds:.0f} img/s')
+    device = accelerator.device
+    summary = dict(
+        model=cfg.model, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset, data_dir=cfg.data_dir,
+        params=s.n_params, epochs=s.epochs, epochs_completed=state['epoch'], global_step=state['global_step'],
+        test_top1_error=test.top1_error, best_test_top1_error=state['best_test_top1_error'],
+        train_loss=stats.train_loss, eval_examples=test.examples, train_examples=len(s.splits.train),
+        images_per_sec=state['train_images'] / max(state['train_time_s'], 1e-9),
+        wall_time_s=state['wall_time_s'], seed=cfg.seed, num_processes=accelerator.num_processes,
+        global_batch_size=cfg.batch_size, loader=s.splits.path, mixed_precision=s.mixed_precision,
+        device=str(device), num_threads=torch.get_num_threads() if device.type == 'cpu' else None,
+        device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+        versions=_library_versions(),
+    )
+    if accelerator.is_main_process:
+        s.run.write_summary(summary)
+    return summary
+
+
+def _save_final_model(s: _Setup) -> None:
+    """ model.safetensors + config.json in timm's format, with the kwargs that rebuild the network. """
+    final = s.net.to(memory_format=torch.contiguous_format)
+    # the block style is recorded even when it was the default (the default changed in 0.2.0)
+    block = {'block': final.block} if isinstance(getattr(final, 'block', None), str) else {}
+    # where the starting weights came from is not part of the architecture: a run folder must load
+    # without the file it was initialised from (e.g. a converted network, python -m timm_rc.convert)
+    args = {k: v for k, v in s.cfg.model_kwargs.items() if k not in INIT_KWARGS}
+    s.run.save_model(final, dict(args, **block))
+
+
+def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+    run = Run(cfg.resolved_output_dir())
+    accelerator, mixed_precision, trackers, wandb_mode, notes = _make_accelerator(cfg, run.path)
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise UserError(f'batch_size {cfg.batch_size} (global) must be divisible by the {world} processes')
+    resume_from = _claim_output_dir(cfg, run, lock, accelerator)
+    cfg = dataclasses.replace(cfg, model_kwargs=sampled_model_kwargs(cfg))  # a copy: the caller's cfg stays
+    s = _set_up(cfg, run, accelerator, mixed_precision, trackers)
+    state = s.state
     if resume_from is not None:
-        _check_same_run(out / 'run_config.json', run_config)
+        _check_same_run(run, s.run_config)
         accelerator.load_state(str(resume_from))
         state.update(read_trainer_state(resume_from))
         accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"]}, step {state["global_step"]})')
-    metrics_file = out / 'metrics.jsonl'
-    if accelerator.is_main_process and metrics_file.is_file():  # drop epochs no checkpoint holds
-        lines = metrics_file.read_text().splitlines()
-        metrics_file.write_text(''.join(
-            line + '\n' for line in lines if json.loads(line)['epoch'] <= state['epoch']))
-
-    # trackers take scalars only (TensorBoard's hparams): lists, mappings and None as JSON text
-    tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
-                      for k, v in run_config.items()}
-    try:
-        accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
-            'wandb': {'name': cfg.run_name or str(out).removeprefix('runs/'), 'dir': str(out),
-                      **({'mode': wandb_mode} if wandb_mode else {})}})
-    except Exception as e:  # W&B: no network, a rejected key, a server error; nothing trained or lost yet
-        raise UserError(f'{", ".join(trackers)} could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-                        f'log offline with WANDB_MODE=offline (upload later with `wandb sync`), or use --log_with '
-                        f'tensorboard or none. The run folder is untouched') from None
-    if 'wandb' in trackers and accelerator.is_main_process:
-        # the end-of-run summary shows the run's results, not one line per BN statistic
-        accelerator.get_tracker('wandb', unwrap=True).define_metric('bn/*', summary='none')
-    for note in (threads_note, wandb_note):
-        if note:
-            accelerator.print(note)
     if accelerator.is_main_process:
-        (out / 'run_config.json').write_text(json.dumps(run_config, indent=2))
+        run.keep_metrics_through(state['epoch'])  # drop epochs no checkpoint holds
+    _start_trackers(s, wandb_mode)
+    for note in notes:
+        accelerator.print(note)
+    if accelerator.is_main_process:
+        run.write_config(s.run_config)
         precision = 'fp32' if mixed_precision == 'no' else mixed_precision
-        accelerator.print(f'{cfg.model} {json.dumps(cfg.model_kwargs)}: {n_params:,} params, {epochs} epoch{"s" * (epochs != 1)} of {steps_per_epoch} steps '
-                          f'(batch {global_batch} over {world} process{"es" * (world > 1)}), loader {loader}, '
-                          f'{precision}, {len(train_split)}/{len(test_split)} train/test examples')
-
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # set_steps acts on the wrapped model too
-    cells = 2 if cfg.sample_steps_cells == 'independent' else 1
-
-    def evaluate():
-        from ..eval import evaluate as evaluate_model  # the one evaluation, shared with `python -m timm_rc.eval`
-        if cfg.sample_steps is not None:
-            net.set_steps(net.steps)  # the largest k' sampled
-        return evaluate_model(model, eval_loader, mean=mean, std=std, channels_last=channels_last,
-                              num_classes=num_classes, accelerator=accelerator)
+        accelerator.print(
+            f'{cfg.model} {json.dumps(cfg.model_kwargs)}: {s.n_params:,} params, {s.epochs} '
+            f'epoch{"s" * (s.epochs != 1)} of {s.steps_per_epoch} steps (batch {cfg.batch_size} over {world} '
+            f'process{"es" * (world > 1)}), loader {s.splits.path}, {precision}, '
+            f'{len(s.splits.train)}/{len(s.splits.test)} train/test examples')
 
     summary: Dict[str, Any] = {}
     start_time = time.time() - state['wall_time_s']
-    stop = False
-    for epoch in range(state['epoch'], epochs):
-        if stop:
-            break
-        model.train()
-        set_seed(cfg.seed * 1000 + epoch, device_specific=True)  # dropout etc.: a function of the epoch
-        gen = epoch_generator(cfg.seed, epoch, device, rank)
-        batches.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = steps = 0
-        drawn = []  # this epoch's k' draws (sample_steps)
-        host = HostScalars(device)
-        bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{epochs}', dynamic_ncols=True,
+    for epoch in range(state['epoch'], s.epochs):
+        bar = tqdm(total=s.steps_per_epoch, desc=f'epoch {epoch + 1}/{s.epochs}', dynamic_ncols=True,
                    disable=not accelerator.is_local_main_process, leave=True)
-        t0 = last_t = time.time()
-        for images, labels in batches:
-            if cfg.compile:
-                torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
-            if images.is_floating_point():  # timm's pipeline: augmented and normalised in the workers
-                x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-            else:
-                x = normalize(augment(images, gen), mean, std, channels_last)
-            if cfg.sample_steps is not None:
-                k = draw_steps(cfg.seed, state['global_step'], *cfg.sample_steps, cells)
-                net.set_steps(k[0] if cells == 1 else tuple(k))
-                drawn.append(k)
-            logits = model(x)
-            loss = criterion(logits.float(), labels)
-            accelerator.backward(loss)
-            if cfg.clip_grad_value is not None:
-                accelerator.clip_grad_value_(model.parameters(), cfg.clip_grad_value)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            correct += (logits.argmax(-1) == labels).sum()
-            seen += labels.numel()
-            steps += 1
-            state['global_step'] += 1
-            fault(f'step{state["global_step"]}')
-            if steps % cfg.log_interval == 0 or steps == steps_per_epoch:
-                ready = host.push(torch.stack([loss_sum / steps, correct.float() / seen]))
-                now = time.time()
-                rate = (steps - bar.n) * labels.numel() * world / max(now - last_t, 1e-9)
-                post = dict(lr=f'{scheduler.get_last_lr()[0]:.4g}', img_s=f'{rate:.0f}')
-                if ready is not None:
-                    # early stop on one process only; with several, every process stops together at
-                    # the epoch-end check below (one leaving alone would hang the others' collectives)
-                    if world == 1 and not math.isfinite(ready[0]):
-                        raise Diverged(f'the training loss became {ready[0]} in epoch {epoch + 1}')
-                    post = dict(loss=f'{ready[0]:.4f}', acc=f'{ready[1]:.3f}', **post)
-                bar.set_postfix(post, refresh=False)
-                bar.update(steps - bar.n)
-                last_t = now
-            if cfg.max_steps is not None and state['global_step'] >= cfg.max_steps:
-                stop = True
-                break
-        # epoch end: the one host sync of the epoch
-        totals = accelerator.reduce(torch.stack([loss_sum, correct.float()]), reduction='sum')
-        steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
-        train_loss = totals[0].item() / (steps * world)
-        train_acc = totals[1].item() / (seen * world)
-        epoch_time = time.time() - t0
+        stats = _train_epoch(s, epoch, bar)
         bar.close()
-        if not math.isfinite(train_loss):
-            raise Diverged(f'the training loss became {train_loss} in epoch {epoch + 1}')
-        test = evaluate()
-        test_acc, test_err, counted = test.top1_acc, test.top1_error, test.examples
-        full_epoch = steps == steps_per_epoch
-        images = seen * world
-        state['train_time_s'] += epoch_time
-        state['train_images'] += images
+        if not math.isfinite(stats.train_loss):
+            raise Diverged(f'the training loss became {stats.train_loss} in epoch {epoch + 1}')
+        test = _test(s)
+        full_epoch = stats.steps == s.steps_per_epoch
+        state['train_time_s'] += stats.seconds
+        state['train_images'] += stats.images
         if full_epoch:
             state['epoch'] = epoch + 1
         best = state['best_test_top1_error']
-        state['best_test_top1_error'] = test_err if best is None else min(best, test_err)
+        state['best_test_top1_error'] = test.top1_error if best is None else min(best, test.top1_error)
         state['wall_time_s'] = time.time() - start_time
-
-        bn = per_step_bn(accelerator.unwrap_model(model, keep_torch_compile=False))
-        metrics = {
-            'train/loss': train_loss, 'train/acc': train_acc, 'test/top1_err': test_err, 'test/top1_acc': test_acc,
-            'test/loss': test.loss, **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
-            'lr': scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': epoch_time,
-            'images_per_sec': images / epoch_time, **bn_scalars(bn),
-        }
-        try:
-            accelerator.log(metrics, step=epoch + 1)
-        except Exception as e:  # a tracker failing mid-run must not cost the run its checkpoints
-            accelerator.print(f'warning: logging epoch {epoch + 1} to {", ".join(trackers)} failed '
-                              f'({type(e).__name__}: {e}); training goes on, metrics.jsonl has every epoch')
-        if accelerator.is_main_process:
-            bn_file = out / 'bn_stats' / f'epoch_{epoch + 1:04d}.safetensors'
-            with writing('BN statistics', bn_file, ckpt_dir):
-                save_bn_stats(bn, bn_file)
-            line = {k: v for k, v in metrics.items() if not k.startswith('bn/')}
-            if steps_drawn is not None:  # a list per process: not a tracker scalar, metrics.jsonl only
-                line['train/steps_drawn'] = steps_drawn
-            with writing('metrics', metrics_file, ckpt_dir), open(metrics_file, 'a') as f:
-                f.write(json.dumps(line) + '\n')
-        accelerator.print(f'epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {100 * train_acc:.2f}% | '
-                          f'test top-1 error {test_err:.2f}% | {images / epoch_time:.0f} img/s')
-        summary = dict(
-            model=cfg.model, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset, data_dir=cfg.data_dir,
-            params=n_params, epochs=epochs, epochs_completed=state['epoch'], global_step=state['global_step'],
-            test_top1_error=test_err, best_test_top1_error=state['best_test_top1_error'],
-            train_loss=train_loss, eval_examples=counted, train_examples=len(train_split),
-            images_per_sec=state['train_images'] / max(state['train_time_s'], 1e-9),
-            wall_time_s=state['wall_time_s'], seed=cfg.seed, num_processes=world, global_batch_size=global_batch,
-            loader=loader, mixed_precision=mixed_precision, device=str(device),
-            num_threads=torch.get_num_threads() if device.type == 'cpu' else None,
-            device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-            versions=_library_versions(),
-        )
-        if accelerator.is_main_process:
-            with writing('the summary', out / 'summary.json', ckpt_dir):
-                (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+        summary = _record_epoch(s, epoch, stats, test)
         if full_epoch:
-            save_checkpoint(accelerator, ckpt_dir, epoch + 1, state, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, run.checkpoints_dir, epoch + 1, state, cfg.keep_checkpoints)
+        if stats.stop:
+            break
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from timm.models import save_for_hf
-        final = accelerator.unwrap_model(model, keep_torch_compile=False).to(memory_format=torch.contiguous_format)
-        with writing('the final model', out / 'model.safetensors', ckpt_dir):
-            # the block style is recorded even when it was the default (the default changed in 0.2.0)
-            block = {'block': final.block} if isinstance(getattr(final, 'block', None), str) else {}
-            # where the starting weights came from is not part of the architecture: a run folder must load
-            # without the file it was initialised from (e.g. a converted network, python -m timm_rc.convert)
-            args = {k: v for k, v in cfg.model_kwargs.items() if k not in INIT_KWARGS}
-            save_for_hf(final, str(out), model_args=dict(args, **block), safe_serialization=True)
-        accelerator.print(f'done: {out / "model.safetensors"}, summary in {out / "summary.json"}')
+        _save_final_model(s)
+        accelerator.print(f'done: {run.weights}, summary in {run.path / Run.SUMMARY}')
     if cfg.log_model and 'wandb' in trackers and accelerator.is_main_process:
-        _log_model_artifact(accelerator.get_tracker('wandb', unwrap=True), out, summary)
+        _log_model_artifact(accelerator.get_tracker('wandb', unwrap=True), run.path, summary)
     accelerator.end_training()
     return summary
 
@@ -627,72 +672,3 @@ def _log_model_artifact(run, out: Path, summary: Dict[str, Any]) -> None:
     for file in ('model.safetensors', 'config.json'):
         artifact.add_file(str(out / file))
     run.log_artifact(artifact, aliases=['latest', f'epoch{summary.get("epochs_completed", 0)}'])
-
-
-def _is_main_process() -> bool:
-    """ Rank 0, read from the launcher's environment: true before any process group exists. """
-    return int(os.environ.get('RANK', '0')) == 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """ Console entry point: `timm-rc-train` / `python train.py` / `accelerate launch train.py`.
-
-    User errors print one line (from the main process only) and exit with code 2; a diverged run exits
-    with 3; Ctrl-C or SIGTERM says where the newest complete checkpoint is and exits with 130.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(config_help())
-        return
-    cfg = None
-
-    def stop(signum, frame):  # `kill PID` (SIGTERM, also a scheduler's) stops the run as Ctrl-C does
-        raise KeyboardInterrupt
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        cfg = load_config(argv)
-        train(cfg)
-    except UserError as e:
-        if _is_main_process():
-            print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2)
-    except Diverged as e:
-        if _is_main_process():
-            print(f'error: training diverged: {e}. Stopped before saving this epoch; the newest complete '
-                  f'checkpoint is untouched. Start again in a new output_dir with a lower lr or with clipping (a resumed run keeps its settings).', file=sys.stderr)
-        raise SystemExit(3)
-    except KeyboardInterrupt:
-        if _is_main_process():
-            print(f'\ninterrupted. {_resume_hint(cfg, argv)}', file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _resume_hint(cfg: Optional[TrainConfig], argv: Sequence[str]) -> str:
-    if cfg is None:
-        return 'Nothing was started.'
-    try:
-        out = cfg.resolved_output_dir()
-    except UserError:
-        return 'Nothing was started.'
-    newest = latest_checkpoint(out / 'checkpoints')
-    if newest is None:
-        return f'No epoch was completed, so {out} holds no checkpoint to resume from.'
-    import shlex
-    kept, skip = [], False
-    for i, a in enumerate(argv):  # drop an earlier --resume [value]
-        if skip:
-            skip = False
-            continue
-        if a == '--resume':
-            skip = i + 1 < len(argv) and not argv[i + 1].startswith('--')
-            continue
-        if not a.startswith('--resume='):
-            kept.append(a)
-    args = shlex.join(kept)
-    return (f'The newest complete checkpoint is {newest}; continue with: python train.py {args} --resume '
-            f'(or the same through accelerate launch)')

@@ -4,12 +4,10 @@ Every field is typed; an unknown key or a value of the wrong type is a `UserErro
 and lists the valid ones (the command line turns it into exit code 2, no traceback). Mappings
 (`model_kwargs`) merge: the YAML file's entries, then the command line's, key by key
 (`--model_kwargs '{"width": 8}'` or `--model_kwargs.width 8`). `--help` lists every key with its type,
-default and the comment beside it below.
+default and the help text of its field (`_key`).
 """
 import dataclasses
-import inspect
 import json
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs', 'config_help', 'wants_help']
+from .errors import UserError
+
+__all__ = ['TrainConfig', 'UserError', 'INIT_KWARGS', 'load_config', 'paper_epochs', 'config_help', 'wants_help',
+           'config_defaults']
 
 
 # model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
@@ -26,54 +27,68 @@ __all__ = ['TrainConfig', 'UserError', 'load_config', 'paper_epochs', 'config_he
 INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
 
 
-class UserError(Exception):
-    """ A problem with the user's config, data or files: reported as one clear line, exit code 2. """
+MODEL, DATA, OPTIMISATION, SPEED, OUTPUT = (
+    'model', 'data', "optimisation (defaults: the paper's protocol, Appendix B)", 'speed', 'output, logging, checkpoints')
+
+
+def _key(group: str, default: Any = None, help: str = '', factory=None):
+    """ A config field; its group and help text are what `--help` prints (`config_help`). """
+    metadata = {'group': group, 'help': help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    # --- model -----------------------------------------------------------------------------------
-    model: str = 'rc4_cifar'  # any timm name; '.cifar100' tag for CIFAR-100's head and statistics
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    sample_steps: Optional[List[int]] = None  # [min, max]: unrolled steps k' per cell drawn per batch (RC models; built with steps=max)
-    sample_steps_cells: str = 'same'  # with sample_steps: 'same' (one k' for both cells) or 'independent' (one per cell)
-    # --- data ------------------------------------------------------------------------------------
-    dataset: str = 'cifar10'  # 'cifar10', 'cifar100' or a Hugging Face hub id ('owner/name:config' picks a config); evaluated on its test split, else validation
-    data_dir: Optional[str] = None  # local folder in the hub's parquet schema (no network needed)
-    max_train_samples: Optional[int] = None  # use only the first N training examples
-    max_eval_samples: Optional[int] = None  # use only the first N test examples
-    loader: str = 'auto'  # 'gpu' (whole split on the GPU), 'dataloader', 'timm' (timm's pipeline, any image size), 'auto' (CIFAR-sized: gpu on CUDA, else dataloader; other images: timm)
-    num_workers: Optional[int] = None  # DataLoader workers of the timm pipeline; None: the cores per process - 1, at most 8
-    # --- optimisation (defaults: the paper's protocol, Appendix B) -------------------------------
-    epochs: Optional[int] = None  # None: 160 for depth > 10, 120 otherwise (the paper's rule)
-    batch_size: int = 128  # global, split over all processes
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: List[int] = field(default_factory=lambda: [60, 90])  # epochs where lr /= 10
-    lr_gamma: float = 0.1
-    warmup_epochs: int = 0  # linear warm-up (for big-batch recipes; the paper has none)
-    clip_grad_value: Optional[float] = 0.1  # clip gradients to [-v, v]; null turns it off
-    label_smoothing: float = 0.0
-    max_steps: Optional[int] = None  # stop after N optimizer steps
-    seed: int = 0
-    # --- speed -----------------------------------------------------------------------------------
-    mixed_precision: str = 'auto'  # 'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16', 'fp16'
-    compile: bool = False  # torch.compile the model
-    compile_mode: Optional[str] = None  # e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'
-    channels_last: Optional[bool] = None  # None: on for CUDA
-    sync_bn: bool = False  # SyncBatchNorm across processes
-    eval_batch_size: int = 1024  # per process
-    num_threads: Optional[int] = None  # CPU threads per process; None: the process's cores (see README)
-    # --- output, logging, checkpoints ------------------------------------------------------------
-    output_dir: Optional[str] = None  # may use {seed} {model} {dataset}; None: runs/{model}-{dataset}/seed{seed}
-    log_with: str = 'none'  # 'wandb', 'tensorboard', 'none', or a comma list
-    project: str = 'timm_rc'  # W&B project / tracker project name
-    run_name: Optional[str] = None  # None: the output_dir below runs/
-    log_model: bool = False  # W&B: log the final model.safetensors + config.json as a model artifact
-    log_interval: int = 50  # progress-bar refresh in steps (reads values without a host sync)
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-    resume: Optional[str] = None  # 'auto' (newest complete checkpoint in output_dir) or a path
+    """ Every setting of a training run; `python train.py --help` lists them with these help texts. """
+    model: str = _key(MODEL, 'rc4_cifar', "any timm name; '.cifar100' tag for CIFAR-100's head and statistics")
+    model_kwargs: Dict[str, Any] = _key(MODEL, factory=dict, help='passed to timm.create_model')
+    sample_steps: Optional[List[int]] = _key(
+        MODEL, None, "[min, max]: unrolled steps k' per cell drawn per batch (RC models; built with steps=max)")
+    sample_steps_cells: str = _key(
+        MODEL, 'same', "with sample_steps: 'same' (one k' for both cells) or 'independent' (one per cell)")
+
+    dataset: str = _key(DATA, 'cifar10', "'cifar10', 'cifar100' or a Hugging Face hub id ('owner/name:config' picks a "
+                                         "config); evaluated on its test split, else validation")
+    data_dir: Optional[str] = _key(DATA, None, "local folder in the hub's parquet schema (no network needed)")
+    max_train_samples: Optional[int] = _key(DATA, None, 'use only the first N training examples')
+    max_eval_samples: Optional[int] = _key(DATA, None, 'use only the first N test examples')
+    loader: str = _key(DATA, 'auto', "'gpu' (whole split on the GPU), 'dataloader', 'timm' (timm's pipeline, any image "
+                                     "size), 'auto' (CIFAR-sized: gpu on CUDA, else dataloader; other images: timm)")
+    num_workers: Optional[int] = _key(
+        DATA, None, 'DataLoader workers of the timm pipeline; None: the cores per process - 1, at most 8')
+
+    epochs: Optional[int] = _key(OPTIMISATION, None, "None: 160 for depth > 10, 120 otherwise (the paper's rule)")
+    batch_size: int = _key(OPTIMISATION, 128, 'global, split over all processes')
+    lr: float = _key(OPTIMISATION, 0.1, 'SGD learning rate')
+    momentum: float = _key(OPTIMISATION, 0.9, 'SGD momentum')
+    weight_decay: float = _key(OPTIMISATION, 1e-4, 'SGD weight decay')
+    lr_milestones: List[int] = _key(OPTIMISATION, factory=lambda: [60, 90], help='epochs where lr is multiplied by lr_gamma')
+    lr_gamma: float = _key(OPTIMISATION, 0.1, 'lr factor at each milestone')
+    warmup_epochs: int = _key(OPTIMISATION, 0, 'linear warm-up (for big-batch recipes; the paper has none)')
+    clip_grad_value: Optional[float] = _key(OPTIMISATION, 0.1, 'clip gradients to [-v, v]; null turns it off')
+    label_smoothing: float = _key(OPTIMISATION, 0.0, 'cross-entropy label smoothing')
+    max_steps: Optional[int] = _key(OPTIMISATION, None, 'stop after N optimizer steps')
+    seed: int = _key(OPTIMISATION, 0, 'initial weights, shuffling and augmentation')
+
+    mixed_precision: str = _key(SPEED, 'auto', "'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16', 'fp16'")
+    compile: bool = _key(SPEED, False, 'torch.compile the model')
+    compile_mode: Optional[str] = _key(SPEED, None, "e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'")
+    channels_last: Optional[bool] = _key(SPEED, None, 'None: on for CUDA')
+    sync_bn: bool = _key(SPEED, False, 'SyncBatchNorm across processes')
+    eval_batch_size: int = _key(SPEED, 1024, 'per process')
+    num_threads: Optional[int] = _key(SPEED, None, "CPU threads per process; None: the process's cores (see docs/training.md)")
+
+    output_dir: Optional[str] = _key(
+        OUTPUT, None, 'may use {seed} {model} {dataset}; None: runs/{model}-{dataset}/seed{seed}')
+    log_with: str = _key(OUTPUT, 'none', "'wandb', 'tensorboard', 'none', or a comma list")
+    project: str = _key(OUTPUT, 'timm_rc', 'W&B project / tracker project name')
+    run_name: Optional[str] = _key(OUTPUT, None, 'None: the output_dir below runs/')
+    log_model: bool = _key(OUTPUT, False, 'W&B: log the final model.safetensors + config.json as a model artifact')
+    log_interval: int = _key(OUTPUT, 50, 'progress-bar refresh in steps (reads values without a host sync)')
+    keep_checkpoints: int = _key(OUTPUT, 2, 'newest complete checkpoints kept')
+    resume: Optional[str] = _key(OUTPUT, None, "'auto' (newest complete checkpoint in output_dir) or a path")
 
     def resolved_output_dir(self) -> Path:
         """ output_dir with {seed}, {model} and {dataset} filled in (one folder per seed in sweeps). """
@@ -259,7 +274,7 @@ def wants_help(argv: Sequence[str]) -> bool:
 
 
 def config_help(prog: str = 'train.py') -> str:
-    """ Every config key with its type, default and comment, grouped as in `TrainConfig`. """
+    """ Every config key with its type, default and help text, grouped as in `TrainConfig`. """
     hints = typing.get_type_hints(TrainConfig)
     lines = [
         f'usage: {prog} [--config FILE.yaml] [--key value | --key=value ...]',
@@ -270,18 +285,14 @@ def config_help(prog: str = 'train.py') -> str:
         'Multi-process: accelerate launch [--multi_gpu --num_processes N] train.py ...',
     ]
     defaults = TrainConfig()
-    for line in inspect.getsource(TrainConfig).splitlines():
-        group = re.match(r'\s*# -+ (.+?) -*$', line)
-        if group:
-            lines += ['', f'{group.group(1)}:']
-            continue
-        m = re.match(r'\s*(\w+): [^=]+=.*?(?:#\s*(.*))?$', line)
-        if m and m.group(1) in _FIELDS:
-            name = m.group(1)
-            default = json.dumps(getattr(defaults, name))
-            lines.append(f'  --{name} {_type_name(hints[name])} (default {default})')
-            if m.group(2):
-                lines.append(f'      {m.group(2)}')
+    group = None
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata['group'] != group:
+            group = f.metadata['group']
+            lines += ['', f'{group}:']
+        lines.append(f'  --{f.name} {_type_name(hints[f.name])} (default {json.dumps(getattr(defaults, f.name))})')
+        if f.metadata['help']:
+            lines.append(f"      {f.metadata['help']}")
     return '\n'.join(lines)
 
 
@@ -306,5 +317,6 @@ def load_config(argv: Sequence[str] = ()) -> TrainConfig:
     return cfg
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
+def config_defaults() -> Dict[str, Any]:
+    """ Every key's default (what a run folder written before a key existed used). """
+    return TrainConfig().to_dict()

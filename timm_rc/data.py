@@ -17,15 +17,20 @@ normalised by `timm.data.create_transform` for the model's pretrained config (`r
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .config import UserError
+from .errors import UserError
 
-__all__ = ['ImageSplit', 'load_image_splits', 'load_dataset_splits', 'small_uniform_images', 'TimmImageDataset',
-           'timm_transforms', 'augment', 'normalize', 'GpuBatches', 'BatchedTensorDataset']
+__all__ = ['ImageSplit', 'Splits', 'load_splits', 'load_split', 'split_loader', 'load_image_splits', 'load_dataset_splits',
+           'small_uniform_images', 'choose_data_path', 'TimmImageDataset', 'timm_transforms', 'augment', 'normalize',
+           'epoch_generator', 'GpuBatches', 'BatchedTensorDataset', 'collate_batch', 'DATA_PATHS']
+
+# how images reach the model: 'gpu' and 'dataloader' hold uint8 tensors (CIFAR-sized data), 'timm' decodes
+# per example through timm's pipeline; 'auto' chooses (`choose_data_path`)
+DATA_PATHS = ('auto', 'gpu', 'dataloader', 'timm')
 
 SHORT_NAMES = {'cifar10': 'uoft-cs/cifar10', 'cifar100': 'uoft-cs/cifar100'}
 LABEL_COLUMNS = ('label', 'fine_label', 'labels')
@@ -148,6 +153,99 @@ def timm_transforms(model) -> Tuple[Any, Any]:
     return create_transform(**config, is_training=True), create_transform(**config, is_training=False)
 
 
+def choose_data_path(requested: str, train, image_col: str, in_chans: int = 3, like=None,
+                     device_type: str = 'cpu') -> str:
+    """ The data path for a run: 'timm' when asked for, or under 'auto' when the images are not CIFAR-sized
+    for the model (`small_uniform_images`, with `like` the test split); otherwise the uint8 tensor path
+    asked for, where 'auto' is 'gpu' on CUDA and 'dataloader' elsewhere. The trainer and every command
+    choose through this one function. """
+    if requested not in DATA_PATHS:
+        raise UserError(f'loader must be one of {", ".join(DATA_PATHS)}; got {requested!r}')
+    if requested == 'timm' or (requested == 'auto' and
+                               not small_uniform_images(train, image_col, in_chans=in_chans, like=like)):
+        return 'timm'
+    if requested == 'auto':
+        return 'gpu' if device_type == 'cuda' else 'dataloader'
+    return requested
+
+
+@dataclass
+class Splits:
+    """ The splits of a dataset as one data path gives them to the model. """
+    train: Optional[Union[ImageSplit, 'TimmImageDataset']]  # None where not asked for
+    test: Optional[Union[ImageSplit, 'TimmImageDataset']]
+    path: str  # 'gpu', 'dataloader' or 'timm'
+    num_classes: int
+    class_names: List[str]
+    test_name: str  # 'test', or the split that stands in for it ('validation', ...)
+
+
+def load_splits(dataset: str = 'cifar10', data_dir: Optional[str] = None, *, model=None, loader: Optional[str] = 'auto',
+                device_type: str = 'cpu', max_train_samples: Optional[int] = None,
+                max_eval_samples: Optional[int] = None, which: Sequence[str] = ('train', 'test')) -> Splits:
+    """ The `which` splits of a dataset ('train', 'test'), each cut to its first max_*_samples examples, on
+    the data path `choose_data_path` picks for `model` (None: 3 channels, uint8 path unless 'timm' is
+    asked for): CIFAR-sized images decoded once to uint8 `ImageSplit`s (checked against the model's
+    channels, and the test images against the training images' size), other images as
+    `TimmImageDataset`s with timm's training / evaluation transform for `model`. """
+    train_raw, test_raw, image_col, label_col, num_classes, names = load_dataset_splits(dataset, data_dir)
+    where = data_dir or dataset
+    in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if model is not None else 3
+    path = choose_data_path(loader or 'auto', train_raw, image_col, in_chans, like=test_raw, device_type=device_type)
+    raw = {'train': (train_raw, max_train_samples), 'test': (test_raw, max_eval_samples)}
+    out = {}
+    if path == 'timm':
+        if model is None:
+            raise UserError(f'{where} needs timm\'s data pipeline (images of any size), which needs the model')
+        transforms = dict(zip(('train', 'test'), timm_transforms(model)))
+        for name in which:
+            split, limit = raw[name]
+            out[name] = TimmImageDataset(split, image_col, label_col, transforms[name], in_chans, limit)
+    else:
+        for name in which:
+            split, limit = raw[name]
+            out[name] = decode_split(split, image_col, label_col, limit, f'dataset {where}')
+        model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'the model')
+        for name, split in (out.items() if model is not None else ()):
+            if split.images.shape[1] != in_chans:
+                label = 'training' if name == 'train' else 'test'
+                raise UserError(f'the {label} images of {where} have {split.images.shape[1]} channels and '
+                                f'{model_name} takes {in_chans}; --loader timm converts them (or leave loader at auto)')
+        if model is not None and len(out) == 2 and out['test'].images.shape[2:] != out['train'].images.shape[2:]:
+            raise UserError(f'the test images of {where} are {tuple(out["test"].images.shape[2:])} and the training '
+                            f'images {tuple(out["train"].images.shape[2:])}; --loader timm resizes them (or leave '
+                            f'loader at auto)')
+    test_name = str(test_raw.split) if test_raw.split is not None else 'test'
+    return Splits(out.get('train'), out.get('test'), path, num_classes, names, test_name)
+
+
+def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: str = 'test',
+               max_samples: Optional[int] = None, model=None, loader: Optional[str] = None,
+               ) -> Tuple[Union[ImageSplit, 'TimmImageDataset'], int, Optional[List[str]]]:
+    """ One split of a dataset (its first `max_samples` examples) with the dataset's class count and class
+    names (`load_splits` with one split; `loader` as the run was trained, None: 'auto'). The split's
+    `split_name` says which split it is ('validation' where it stands in for test). """
+    if split not in ('train', 'test'):
+        raise UserError(f'split must be train or test, got {split!r}')
+    limits = dict(max_train_samples=max_samples) if split == 'train' else dict(max_eval_samples=max_samples)
+    splits = load_splits(dataset, data_dir, model=model, loader=loader, which=(split,), **limits)
+    out = splits.train if split == 'train' else splits.test
+    out.split_name = splits.test_name if split == 'test' else 'train'
+    return out, splits.num_classes, splits.class_names
+
+
+def split_loader(split: Union[ImageSplit, 'TimmImageDataset'], batch_size: int, device: Union[str, torch.device] = 'cpu',
+                 num_workers: int = 0):
+    """ The batches `evaluate` takes, in order, `batch_size` at a time: (uint8 images, labels) of an
+    `ImageSplit`, (normalised float images, labels) of a `TimmImageDataset`. """
+    pin = torch.device(device).type == 'cuda'
+    if isinstance(split, TimmImageDataset):
+        return torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                           pin_memory=pin)
+    return torch.utils.data.DataLoader(BatchedTensorDataset(split), batch_size=batch_size, shuffle=False,
+                                       collate_fn=collate_batch, pin_memory=pin)
+
+
 def load_image_splits(
         dataset: str,
         data_dir: Optional[str] = None,
@@ -155,11 +253,9 @@ def load_image_splits(
         max_eval_samples: Optional[int] = None,
 ) -> Tuple[ImageSplit, ImageSplit, int, List[str]]:
     """ Returns (train, test, num_classes, class_names); images decoded once to uint8 tensors. """
-    train, test, image_col, label_col, num_classes, names = load_dataset_splits(dataset, data_dir)
-    where = data_dir or dataset
-    train = decode_split(train, image_col, label_col, max_train_samples, f'dataset {where}')
-    test = decode_split(test, image_col, label_col, max_eval_samples, f'dataset {where}')
-    return train, test, num_classes, names
+    s = load_splits(dataset, data_dir, loader='dataloader', max_train_samples=max_train_samples,
+                    max_eval_samples=max_eval_samples)
+    return s.train, s.test, s.num_classes, s.class_names
 
 
 # ---- augmentation: batched tensor work on the compute device ---------------------------------

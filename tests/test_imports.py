@@ -1,0 +1,145 @@
+""" The package's shape, read from its source with `ast` (nothing is imported): no import circle, no
+module that imports another module's private names, commands above the library and apart from each
+other, and no printing in the library.
+
+Layers: the commands are `timm_rc.cli.*` (one per `python -m timm_rc.<verb>`, sharing `cli.common`);
+`timm_rc.<verb>` for each verb is the `python -m` entry that keeps the old name (it imports its own
+command only); everything else is the library, which never imports a command. Names that moved keep
+working from their old modules through `timm_rc._deprecated.alias` (importlib at first use), which is
+why those old modules show no import edge to the new ones.
+"""
+import ast
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / 'timm_rc'
+VERBS = ('compress', 'convert', 'eval', 'plots', 'results', 'sweep')
+# library modules allowed to print: the trainer's own warnings (its lock and checkpoints)
+MAY_PRINT = {'timm_rc.checkpoints', 'timm_rc.train.lock', 'timm_rc.train.loop'}
+
+
+def modules() -> Dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob('*.py')):
+        parts = path.relative_to(PACKAGE.parent).with_suffix('').parts
+        name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+        out[name] = path
+    return out
+
+
+def _resolve(module: str, is_package: bool, level: int, target: str) -> str:
+    if level == 0:
+        return target
+    base = module.split('.') if is_package else module.split('.')[:-1]
+    base = base[:len(base) - (level - 1)]
+    return '.'.join(base + ([target] if target else []))
+
+
+def imports(mods: Dict[str, Path]) -> Tuple[Dict[str, Set[str]], List[str]]:
+    """ ({module: timm_rc modules it imports, anywhere in the file}, [private-name imports]). """
+    graph: Dict[str, Set[str]] = {m: set() for m in mods}
+    private = []
+    for name, path in mods.items():
+        is_package = path.name == '__init__.py'
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split('.')[0] == 'timm_rc':
+                        target = alias.name
+                        while target not in mods:
+                            target = target.rsplit('.', 1)[0]
+                        graph[name].add(target)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_package, node.level, node.module or '')
+                if base.split('.')[0] != 'timm_rc':
+                    continue
+                for alias in node.names:
+                    sub = f'{base}.{alias.name}'
+                    if sub in mods:  # `from . import models`: the submodule
+                        graph[name].add(sub)
+                        continue
+                    graph[name].add(base)
+                    if alias.name.startswith('_') and not alias.name.startswith('__'):
+                        private.append(f'{name} imports {alias.name} from {base}')
+    for m in graph:
+        graph[m].discard(m)
+    return graph, private
+
+
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """ Every strongly connected group of more than one module (Tarjan). """
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+MODS = modules()
+GRAPH, PRIVATE = imports(MODS)
+
+
+def test_the_graph_sees_the_package():
+    # the reader finds the modules and their edges (a broken reader would pass every rule below)
+    assert {'timm_rc.cli.eval', 'timm_rc.evaluation', 'timm_rc.runs', 'timm_rc.quantize.files'} <= set(MODS)
+    assert 'timm_rc.evaluation' in GRAPH['timm_rc.cli.eval']
+    assert 'timm_rc.runs' in GRAPH['timm_rc.evaluation'] and 'timm_rc.models' in GRAPH['timm_rc.create']
+    assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+
+
+def test_no_import_circle():
+    assert cycles(GRAPH) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert PRIVATE == []
+
+
+def test_the_library_never_imports_a_command():
+    commands = {m for m in MODS if m.startswith('timm_rc.cli')} | {f'timm_rc.{v}' for v in VERBS}
+    offenders = [f'{m} -> {t}' for m in MODS if m not in commands for t in GRAPH[m] if t in commands]
+    assert offenders == []
+
+
+def test_no_command_imports_another_command():
+    offenders = []
+    for m in MODS:
+        if m.startswith('timm_rc.cli.') and m != 'timm_rc.cli.common':
+            offenders += [f'{m} -> {t}' for t in GRAPH[m] if t.startswith('timm_rc.cli.') and t != 'timm_rc.cli.common'
+                          or t in {f'timm_rc.{v}' for v in VERBS}]
+    for verb in VERBS:  # the old `python -m` names reach their own command only
+        shim = f'timm_rc.{verb}'
+        assert GRAPH[shim] <= {f'timm_rc.cli.{verb}', 'timm_rc.cli.common', 'timm_rc._deprecated'}, shim
+    assert offenders == []
+
+
+@pytest.mark.parametrize('module', sorted(m for m in MODS if not m.startswith('timm_rc.cli') and m not in MAY_PRINT
+                                          and m not in {f'timm_rc.{v}' for v in VERBS}))
+def test_library_modules_do_not_print(module):
+    calls = [node.lineno for node in ast.walk(ast.parse(MODS[module].read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'print']
+    assert calls == [], f'{module} prints at lines {calls}: return, raise UserError or take a callback'

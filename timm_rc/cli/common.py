@@ -1,0 +1,101 @@
+""" What every `python -m timm_rc.<command>` shares: the parser, the error contract, tables.
+
+The contract: a problem with the user's input is a `UserError`, printed as one line `error: ...` on
+stderr with exit code 2 (no traceback, nothing written); output piped into a reader that stops early
+(`| head`) ends quietly, as for any Unix tool.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..errors import UserError
+from ..formatting import format_table
+
+__all__ = ['ArgumentParser', 'command', 'run', 'fail', 'json_object', 'int_list', 'positive', 'format_table']
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """ argparse whose errors are `UserError`s naming the command's --help, not a usage block. """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f'{message} (see {self.prog} --help)')
+
+
+def fail(message: str, code: int = 2):
+    """ Print `error: message` on stderr and exit with `code`. """
+    print(f'error: {message}', file=sys.stderr)
+    raise SystemExit(code)
+
+
+def command(main: Optional[Callable] = None, *, returns_code: bool = False) -> Callable:
+    """ A command's `main(argv=None)` (argv None: sys.argv[1:]): a `UserError` becomes one line on stderr
+    and exit code 2, raised as SystemExit, or returned (`returns_code`: a main that returns its exit
+    code, as the sweep runner does). """
+    if main is None:
+        return functools.partial(command, returns_code=returns_code)
+
+    @functools.wraps(main)
+    def wrapped(argv: Optional[Sequence[str]] = None):
+        try:
+            return main(list(sys.argv[1:] if argv is None else argv))
+        except UserError as e:
+            if returns_code:
+                print(f'error: {e}', file=sys.stderr)
+                return 2
+            fail(str(e))
+    return wrapped
+
+
+def run(main: Callable) -> None:
+    """ Run a command's main() as `python -m`: an int it returns is the exit code; output piped into a
+    reader that stops early ends quietly instead of with a BrokenPipeError traceback. """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
+        sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool):
+        sys.exit(code)
+
+
+def json_object(text: Optional[str], option: str = '--model_kwargs') -> Optional[Dict[str, Any]]:
+    """ A JSON object given on the command line (None stays None). """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f'{option} needs a JSON object, e.g. \'{{"width": 16}}\'; {text!r} is not valid '
+                        f'JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise UserError(f'{option} needs a JSON object, e.g. \'{{"width": 16}}\'; got {text!r}')
+    return value
+
+
+def int_list(text: str, option: str, example: str, allowed: Optional[Sequence[int]] = None,
+             what: str = 'counts >= 1') -> List[int]:
+    """ A comma list of ints >= 1 (or of the `allowed` values), e.g. --steps 1,2,4. """
+    try:
+        values = [int(t) for t in text.split(',') if t.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (allowed is not None and any(v not in allowed for v in values)):
+        what = ' or '.join(map(str, allowed)) if allowed is not None else what
+        raise UserError(f'{option} needs a comma list of {what}, e.g. {example}; got {text!r}')
+    return values
+
+
+def positive(**values: Optional[int]) -> None:
+    """ Every given option (None: not given) is >= 1. """
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f'--{key} must be >= 1, got {value}')

@@ -1,0 +1,79 @@
+""" `python -m timm_rc.convert MODEL_OR_RUN --output FILE`: convert a trained network to RC and write its weights.
+
+    python -m timm_rc.convert runs/cpu_w8/resnet18_postact/seed0 --output runs/converted/rc4_from_resnet18.safetensors
+    python -m timm_rc.convert resnet50 --output rc_resnet50.safetensors          # a timm model (its pretrained tag)
+
+A thin layer over `timm_rc.convert_weights` (which calls `timm_rc.convert_to_rc`): prints what was shared
+and, for the paper's ResNet-10/18 graphs, the command that fine-tunes the result as RC-2/RC-4.
+"""
+import dataclasses
+import json
+from typing import Sequence
+
+from ..config import INIT_KWARGS
+from ..conversion import RCConversion
+from ..convert_weights import convert_weights
+from ..models.rc_timm import RC_FAMILIES as RC_BASES
+from .common import ArgumentParser, command, int_list, json_object, run
+
+__all__ = ['main']
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog='python -m timm_rc.convert', description='Convert a trained network to an RC network '
+                       '(timm_rc.convert_to_rc) and write its weights.')
+    p.add_argument('source', metavar='MODEL_OR_RUN', help='a run folder, a weights file with --model, or a timm name')
+    p.add_argument('--model', help='timm name when MODEL_OR_RUN is a weights file outside a run folder')
+    p.add_argument('--model_kwargs', help='JSON object for timm.create_model, e.g. \'{"width": 8}\'')
+    p.add_argument('--output', required=True, help='the converted weights, a .safetensors file (never the source)')
+    p.add_argument('--bn_sharing', default='independent', help="'independent' (default), 'shared' or 'none'")
+    p.add_argument('--steps', help='unrolled steps: one int for every run, or a comma list, one per run')
+    p.add_argument('--json', action='store_true', help='print the report as JSON')
+    return p
+
+
+@command
+def main(argv: Sequence[str]) -> RCConversion:
+    """ `python -m timm_rc.convert MODEL_OR_RUN --output FILE`: convert a trained run (or a timm model) to RC
+    and write its weights (safetensors, each shared tensor once); prints what was shared and how to load or
+    fine-tune the result. Bad input: one line, exit code 2. """
+    args = _parser().parse_args(argv)
+    steps = None
+    if args.steps:
+        steps = int_list(args.steps, '--steps', '4 or 2,2,4', what='ints (one, or one per run)')
+        steps = steps[0] if len(steps) == 1 else steps
+    converted = convert_weights(args.source, args.output, model=args.model, model_kwargs=json_object(args.model_kwargs),
+                                bn_sharing=args.bn_sharing, steps=steps)
+    report, model, out, run_kwargs, untrained = (converted.report, converted.model, converted.output,
+                                                 converted.model_kwargs, converted.untrained)
+    if args.json:
+        import dataclasses
+        print(json.dumps(dict(dataclasses.asdict(report), output=str(out))))
+    else:
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', '')
+        print(report)
+        print(f'wrote {out}')
+        if untrained:
+            print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
+                  f'--model_kwargs \'{{"pretrained": true}}\'')
+        if arch.startswith('rc_') or arch in RC_BASES:
+            kw = {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}
+            if args.bn_sharing != 'independent':
+                kw['bn_sharing'] = args.bn_sharing
+            if steps is not None:
+                kw['steps'] = steps
+            extra = ''.join(f', {k}={v!r}' for k, v in kw.items())
+            print(f'load it with timm.create_model(\'rc_{arch.removeprefix("rc_")}\'{extra}, pretrained=True, '
+                  f'pretrained_cfg_overlay=dict(file=\'{out}\'))')
+        if arch in ('rc2_unshared_cifar', 'rc4_unshared_cifar'):
+            shared = arch.replace('_unshared', '')
+            kw = {k: v for k, v in run_kwargs.items() if k not in ('share_weights', 'steps', *INIT_KWARGS)}
+            if args.bn_sharing != 'independent':
+                kw['bn_sharing'] = args.bn_sharing
+            print(f'its state_dict is that of {shared}: fine-tune it with\n  python train.py --model {shared} --model_kwargs '
+                  f'\'{json.dumps({**kw, "pretrained": True, "pretrained_cfg_overlay": {"file": str(out)}})}\' ...')
+    return report
+
+
+if __name__ == '__main__':
+    run(main)

@@ -1,0 +1,35 @@
+""" `python -m timm_rc.results RUNS_DIR [...] [--markdown]`: the paper's tables beside this project's runs.
+
+Pools the runs below the given folders that differ in the seed alone, one row per configuration, the
+paper's number beside it. A thin layer over `timm_rc.tables` (`collect`, `table`), whose docstring says
+what is compared and how.
+"""
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UserError
+from ..tables import collect, table
+from .common import ArgumentParser, command, run
+
+__all__ = ['main']
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+@command
+def main(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog='python -m timm_rc.results', description=__doc__)
+    parser.add_argument('roots', nargs='+', type=Path, help='folders holding run folders (summary.json)')
+    parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
+    args = parser.parse_args(argv)
+    runs = collect(args.roots, on_skip=_warn)
+    if not runs:
+        raise UserError(f'no summary.json below {", ".join(map(str, args.roots))}')
+    print(table(runs, markdown=args.markdown, on_warning=_warn))
+
+
+if __name__ == '__main__':
+    run(main)

@@ -1,0 +1,52 @@
+""" One way to build a timm model from a name and kwargs, with a clear message for what does not build.
+
+The trainer, every command and the loaders of weights files call `create_model`, so an unknown name
+gets the same "similar names" line everywhere and a kwarg the model rejects is one line, not a traceback.
+"""
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from .config import INIT_KWARGS
+from .errors import UserError
+
+__all__ = ['create_model', 'similar_models']
+
+
+def similar_models(name: str) -> str:
+    """ Up to ten registered names that look like `name` (the RC models where none does). """
+    import timm
+    close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
+    return ', '.join(close)
+
+
+def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str = '') -> nn.Module:
+    """ `timm.create_model(name, **kwargs)` with timm_rc's models registered. An unknown name, kwargs the
+    model rejects, and starting weights (pretrained_cfg_overlay file) that are missing or do not fit are
+    `UserError`s naming the problem; `hint` is added to the message for rejected kwargs. """
+    import timm
+    from . import models  # noqa: F401  registers the RC models
+    kwargs = dict(kwargs or {})
+    if not name.startswith('local-dir:') and not timm.is_model(name.split('.')[0]):
+        raise UserError(f'unknown model {name!r}; similar names: {similar_models(name)}')
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    file = overlay.get('file') if isinstance(overlay, dict) else None
+    if kwargs.get('pretrained') and file and not Path(file).is_file():
+        raise UserError(f'the starting weights {file} (model_kwargs pretrained_cfg_overlay) do not exist; give the file '
+                        f'written by python -m timm_rc.convert or a training run\'s model.safetensors')
+    shown = name.removeprefix('local-dir:')
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise UserError(f'cannot build {shown} with model_kwargs {kwargs}: {e}{hint}') from None
+    except (RuntimeError, OSError) as e:
+        if not kwargs.get('pretrained'):
+            if isinstance(e, RuntimeError):
+                raise UserError(f'cannot build {shown} with model_kwargs {kwargs}: {e}{hint}') from None
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and 'Error(s) in loading state_dict' in lines[0] else (lines or [repr(e)])[0]
+        arch = {k: v for k, v in kwargs.items() if k not in INIT_KWARGS}
+        raise UserError(f'the starting weights {file or "(pretrained)"} do not fit {shown} with model_kwargs {arch}: '
+                        f'{detail[:300]}; give the model and kwargs they were written for') from None

@@ -1,0 +1,174 @@
+""" The paper's figures from run folders (what `python -m timm_rc.plots` draws).
+
+    python -m timm_rc.plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4
+    python -m timm_rc.plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2
+    python -m timm_rc.eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
+
+`bn`: for each RC cell, the first and second BN layer of every unrolling step: running mean, running
+variance, gamma and beta across channels, one curve per step (read from `bn_stats/epoch_N.safetensors`,
+the last epoch by default). `curves`: training loss and test error against epochs (from
+`metrics.jsonl`), one line per run. Every figure's title names the model (with its kwargs) and the run
+folder; epochs and channels get integer ticks. `bn_figures` and `curves_figure` return the matplotlib
+figures, `plot_bn` and `plot_curves` write them as PNG files. `steps_figure` / `plot_steps` draw the
+cost-adjustable inference of the extended version from `python -m timm_rc.eval --steps` reports: test
+error against FLOPs per image, one line per run, each point labelled with its k'.
+"""
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import UserError
+from .runs import Run
+
+__all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label']
+
+STAT_TITLES = {'running_mean': 'running mean', 'running_var': 'running variance', 'weight': 'gamma',
+               'bias': 'beta'}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def run_label(run_dir: Path) -> str:
+    """ 'model {kwargs} (run folder)', from the run's summary.json or run_config.json. """
+    return Run(run_dir).label()
+
+
+def bn_figures(run_dir: Path, epoch: Optional[int] = None) -> Dict[Tuple[str, str], 'matplotlib.figure.Figure']:
+    """ {(cell, BN layer): Figure with 4 panels (running mean, running variance, gamma, beta) across
+    channels, one curve per step}, from bn_stats/epoch_N.safetensors (the last epoch by default). """
+    from safetensors.torch import load_file
+    run = Run(run_dir)
+    files = run.bn_stats_files()
+    if not files:
+        raise UserError(f'{run_dir} has no bn_stats/epoch_*.safetensors (is it a timm_rc run of an RC model? a model '
+                        f'without BN layers in its cells, bn_sharing none, has no per-step statistics)')
+    path = files[-1] if epoch is None else run.bn_stats_file(epoch)
+    if not path.is_file():
+        raise UserError(f'{path} does not exist; epochs saved: {", ".join(f.stem[6:] for f in files)}')
+    stats = load_file(str(path))
+    # '<cell>.step<i>.<bn>.<stat>' -> grouped[(cell, bn)][stat][i]
+    grouped = defaultdict(lambda: defaultdict(dict))
+    for key, t in stats.items():
+        m = re.fullmatch(r'(.+)\.step(\d+)\.(.+)\.(running_mean|running_var|weight|bias)', key)
+        if m:
+            grouped[(m[1], m[3])][m[4]][int(m[2])] = t.numpy()
+    plt = _pyplot()
+    label = run_label(run_dir)
+    epoch_shown = int(path.stem.split('_')[-1])
+    figures = {}
+    for (cell, bn), per_stat in sorted(grouped.items()):
+        fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+        for ax, stat in zip(axes, STAT_TITLES):
+            for step, values in sorted(per_stat.get(stat, {}).items()):
+                ax.plot(values, label=f'step {step + 1}', linewidth=1)
+            ax.set_title(STAT_TITLES[stat])
+            ax.set_xlabel('channel')
+            ax.set_ylabel(STAT_TITLES[stat])
+            _integer_ticks(ax.xaxis)
+        axes[0].legend()
+        fig.suptitle(f'{label}: {cell}.{bn} per unrolling step, epoch {epoch_shown}')
+        fig.tight_layout()
+        figures[(cell, bn)] = fig
+    return figures
+
+
+def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = None) -> List[Path]:
+    """ One PNG per (cell, BN layer) in `out` (default RUN_DIR/plots); see `bn_figures`. """
+    plt = _pyplot()
+    figures = bn_figures(run_dir, epoch)
+    out = Path(out or Path(run_dir) / 'plots')
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (cell, bn), fig in figures.items():
+        target = out / f'bn_{cell}_{bn}.png'
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
+    """ Figure 2: training loss and test top-1 error against epochs, one line per run. """
+    plt = _pyplot()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4))
+    labels = []
+    for run in map(Path, run_dirs):
+        f = run / Run.METRICS
+        if not f.is_file():
+            plt.close(fig)
+            raise UserError(f'{f} does not exist; give run folders written by the trainer')
+        rows = Run(run).metrics()
+        label = run_label(run)
+        labels.append(label)
+        epochs = [r['epoch'] for r in rows]
+        ax_loss.plot(epochs, [r['train/loss'] for r in rows], label=label)
+        ax_err.plot(epochs, [r['test/top1_err'] for r in rows], label=label)
+    ax_loss.set(xlabel='epoch', ylabel='training loss', yscale='log', title='training loss')
+    ax_err.set(xlabel='epoch', ylabel='test error (%)', title='test error')
+    for ax in (ax_loss, ax_err):
+        _integer_ticks(ax.xaxis)
+    ax_err.legend(fontsize=8)
+    fig.suptitle('; '.join(labels), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, out: Path, **savefig_kwargs) -> Path:
+    """ Write a figure as a PNG (creating the folder) and free it. """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, **savefig_kwargs)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
+    """ Figure 2 as a PNG at `out`; see `curves_figure`. """
+    return _save(curves_figure(run_dirs), out)
+
+
+def _report_label(report: Dict) -> str:
+    source = report.get('source')
+    if source is not None and Run(source).has_config():
+        return run_label(Path(source))
+    kwargs = report.get('model_kwargs') or {}
+    model = report['model'] + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '')
+    return f'{model} ({source})' if source else f'{model} (untrained)'
+
+
+def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
+    """ Test error against FLOPs per image for k' unrolled steps, one line per run; `reports` are
+    `python -m timm_rc.eval --steps` reports (each with its per-k' rows under 'steps'). """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reports:
+        rows = sorted(r['steps'], key=lambda row: row['flops_per_image'])
+        flops = [row['flops_per_image'] / 1e6 for row in rows]
+        errors = [row['top1_error'] for row in rows]
+        line, = ax.plot(flops, errors, marker='o', label=f'{_report_label(r)}, bn_policy {r.get("bn_policy")}')
+        for x, y, row in zip(flops, errors, rows):
+            trained = row['steps'] == r.get('trained_steps')
+            ax.annotate(f"k'={row['steps']}" + ('*' if trained else ''), (x, y), textcoords='offset points',
+                        xytext=(4, 4), fontsize=7, color=line.get_color())
+    ax.set(xlabel='MFLOPs per image (one multiply-add = 2 FLOPs)', ylabel='test top-1 error (%)',
+           title="test error against cost: k' unrolled steps per cell (* trained k)")
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))  # below: the lines stay visible
+    fig.tight_layout()
+    return fig
+
+
+def plot_steps(reports: Sequence[Dict], out: Path) -> Path:
+    """ `steps_figure` as a PNG at `out`. """
+    return _save(steps_figure(reports), out, bbox_inches='tight')
