@@ -186,7 +186,18 @@ def test_cifar100_schema_with_fine_label(tmp_path, capsys):
     code, err = run_main(['--data_dir', str(data), '--model', 'rc1_cifar', '--output_dir',
                           str(tmp_path / 'bad'), *TINY], capsys)
     assert code == 2
-    assert 'rc1_cifar has a 10-class head but' in err and 'has 100 classes' in err and 'rc4_cifar.cifar100' in err
+    assert 'rc1_cifar has a 10-class head but' in err and 'has 100 classes' in err
+    assert "use the model's tag for such data, rc1_cifar.cifar100, or --model_kwargs '{\"num_classes\": 100}'" in err
+
+
+def test_the_class_count_remedy_fits_the_numbers():
+    """ A tag is suggested only where one has the data's class count (issue 17, item 10). """
+    from timm_rc.train.loop import class_count_remedy
+    assert class_count_remedy('rc4_cifar.cifar100', 10) == \
+        "use the model's tag for such data, rc4_cifar.cifar10, or --model_kwargs '{\"num_classes\": 10}'"
+    for model in ('rc4_cifar', 'rc4_cifar.cifar100', 'resnet18'):
+        assert class_count_remedy(model, 2) == \
+            "set its head to the data's classes with --model_kwargs '{\"num_classes\": 2}'"
 
 
 # ---- resume, kill, multi-process (real subprocesses) -----------------------------------------
@@ -338,6 +349,16 @@ def test_wandb_goes_offline_without_an_api_key(tiny_data, tmp_path):
     (['--log_with', 'mlflow'], "config key 'log_with' takes wandb, tensorboard, none"),
     (['--model_kwargs', '[1, 2]'], "config key 'model_kwargs' needs a value of type"),
     (['--batch_size', '0'], "config key 'batch_size' must be >= 1, got 0"),
+    # every numeric key is checked before anything is written (issue 17, item 9)
+    (['--momentum', '-1'], "config key 'momentum' must be in [0, 1), got -1.0"),
+    (['--weight_decay', '-1'], "config key 'weight_decay' must be >= 0, got -1.0"),
+    (['--lr', 'nan'], "config key 'lr' must be > 0 and finite, got nan"),
+    (['--lr', 'inf'], "config key 'lr' must be > 0 and finite, got inf"),
+    (['--lr_gamma', '0'], "config key 'lr_gamma' must be > 0, got 0.0"),
+    (['--label_smoothing', '1'], "config key 'label_smoothing' must be in [0, 1), got 1.0"),
+    (['--lr_milestones', '5,-1'], "config key 'lr_milestones' must be a list of epochs >= 0, got [5, -1]"),
+    (['--seed', '-3'], "config key 'seed' must be in [0, 2**32), got -3"),
+    (['--clip_grad_value', '0'], "config key 'clip_grad_value' must be > 0, or null to turn clipping off, got 0.0"),
     (['--config', 'nope.yaml'], 'config file nope.yaml does not exist'),
     (['--data_dir', '/nonexistent/cifar'], 'data_dir /nonexistent/cifar does not exist'),
     (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names:"),

@@ -8,6 +8,7 @@ default and the help text of its field (`_key`).
 """
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,21 @@ CHOICES = {
 TRACKERS = ('wandb', 'tensorboard', 'none')
 POSITIVE = ('batch_size', 'eval_batch_size', 'log_interval', 'keep_checkpoints', 'epochs',
             'max_train_samples', 'max_eval_samples', 'max_steps', 'num_threads')
+
+
+# numeric keys: (the test, what it says); every value must also be finite (no nan, no inf)
+RANGES = {
+    'lr': (lambda v: v > 0, '> 0'),
+    'momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'weight_decay': (lambda v: v >= 0, '>= 0'),
+    'lr_gamma': (lambda v: v > 0, '> 0'),
+    'lr_milestones': (lambda v: v >= 0, 'a list of epochs >= 0'),
+    'warmup_epochs': (lambda v: v >= 0, '>= 0'),
+    'clip_grad_value': (lambda v: v > 0, '> 0'),
+    'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'seed': (lambda v: 0 <= v < 2 ** 32, 'in [0, 2**32)'),
+    'num_workers': (lambda v: v >= 0, '>= 0'),
+}
 
 
 def paper_epochs(depth: Optional[int]) -> int:
@@ -232,10 +248,14 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise UserError(f'config key {key!r} must be >= 1, got {value}')
-    if cfg.lr <= 0:
-        raise UserError(f'config key \'lr\' must be > 0, got {cfg.lr}')
-    if cfg.clip_grad_value is not None and cfg.clip_grad_value <= 0:
-        raise UserError('config key \'clip_grad_value\' must be > 0, or null to turn clipping off')
+    for key, (ok, allowed) in RANGES.items():
+        value = getattr(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is not None and (not math.isfinite(v) or not ok(v)):
+                extra = ', or null to turn clipping off' if key == 'clip_grad_value' else ''
+                extra += '' if math.isfinite(v) else ' and finite'
+                raise UserError(f'config key {key!r} must be {allowed}{extra}, got {value}')
     if cfg.sample_steps is not None and (len(cfg.sample_steps) != 2 or not 1 <= cfg.sample_steps[0] <= cfg.sample_steps[1]):
         raise UserError(f'config key \'sample_steps\' takes [min, max] with 1 <= min <= max (e.g. 1,8), or null; '
                         f'got {cfg.sample_steps}')

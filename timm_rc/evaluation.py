@@ -22,6 +22,7 @@ from .data import load_split, normalize, split_loader
 from .errors import UserError
 from .layers import BN_POLICIES
 from .loading import load_model, source_identity
+from .quantize import is_quantized
 from .runs import Run
 
 __all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'model_mean_std', 'evaluate_source',
@@ -284,7 +285,7 @@ def evaluate_source(
         model=name or net.pretrained_cfg.get('architecture'), model_kwargs=kwargs,
         params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir,
         split=getattr(data, 'split_name', split), batch_size=batch_size, device=str(dev), mixed_precision=precision,
-        channels_last=channels_last)
+        channels_last=channels_last, quantized=source is not None and is_quantized(source))
     common = dict(mean=mean, std=std, channels_last=channels_last, num_classes=num_classes, device=dev,
                   autocast_dtype=PRECISIONS[precision])
     if steps is not None:

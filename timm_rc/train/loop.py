@@ -136,6 +136,24 @@ def sampled_model_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
     return {**cfg.model_kwargs, 'steps': high, 'bn_policy': cfg.model_kwargs.get('bn_policy', 'first')}
 
 
+def class_count_remedy(model: str, num_classes: int) -> str:
+    """ What makes `model` fit data of `num_classes` classes: the pretrained tag whose head has that
+    many classes (e.g. rc4_cifar.cifar100, which also brings CIFAR-100's mean and std), else the
+    num_classes kwarg. """
+    from timm.models import get_arch_pretrained_cfgs
+    base = model.split('.')[0]
+    kwarg = f'--model_kwargs \'{{"num_classes": {num_classes}}}\''
+    try:
+        cfgs = get_arch_pretrained_cfgs(base)
+    except Exception:  # a local-dir: model or an unknown architecture
+        cfgs = {}
+    fitting = [name for name, cfg in cfgs.items()  # {'rc4_cifar.cifar100': PretrainedCfg, ...}
+               if name not in (model, base) and getattr(cfg, 'num_classes', None) == num_classes]
+    if fitting:
+        return f'use the model\'s tag for such data, {fitting[0]}, or {kwarg}'
+    return f'set its head to the data\'s classes with {kwarg}'
+
+
 def _create_model(cfg: TrainConfig) -> nn.Module:
     hint = (' (sample_steps needs an RC network that can change its step count, e.g. rc4_cifar)'
             if cfg.sample_steps is not None else '')
@@ -399,10 +417,8 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
     splits = load_splits(cfg.dataset, cfg.data_dir, model=model, loader=cfg.loader, device_type=device.type,
                          max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples)
     if model.num_classes != splits.num_classes:
-        raise UserError(
-            f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
-            f'{splits.num_classes} classes; use the model\'s .cifar100 tag (e.g. rc4_cifar.cifar100) or '
-            f'--model_kwargs \'{{"num_classes": {splits.num_classes}}}\'')
+        raise UserError(f'{cfg.model} has a {model.num_classes}-class head but {cfg.data_dir or cfg.dataset} has '
+                        f'{splits.num_classes} classes; {class_count_remedy(cfg.model, splits.num_classes)}')
     if len(splits.train) < cfg.batch_size:
         raise UserError(f'{len(splits.train)} training examples cannot fill one batch of {cfg.batch_size}')
     depth = 4 * model.steps + 2 if isinstance(model, RCNet) else None  # RC-1/2/4: depth 6/10/18
