@@ -1,4 +1,6 @@
-""" Run a W&B grid sweep file without a W&B server (what `python -m timm_rc.sweep FILE` does).
+""" Run a W&B grid sweep file without a W&B server.
+
+    python -m timm_rc.sweep train_configs/sweeps/table2_cifar10.yaml [--dry-run] [--parallel N] [--gpus 0,1]
 
 W&B sweeps need W&B's server (wandb has no offline sweeps). This reads the same files as `wandb sweep`
 and runs every combination of a `grid` sweep with the command a W&B agent would run: the file's

@@ -1,34 +1,13 @@
-""" `python -m timm_rc.sweep FILE`: run a W&B grid sweep file without a W&B server.
-
-    python -m timm_rc.sweep train_configs/sweeps/table2_cifar10.yaml [--dry-run] [--parallel N] [--gpus 0,1]
-
-W&B sweeps need W&B's server (wandb has no offline sweeps). This reads the same files as `wandb sweep`
-and runs every combination of a `grid` sweep with the command a W&B agent would run: the file's
-`command` (W&B's default `${env} ${interpreter} ${program} ${args}` where it has none) with the macros
-expanded as `wandb agent` expands them, in W&B's grid order, from the current folder (a relative
-`program` or config path means what it means to `wandb agent` started here). A file means the same to
-both.
-
-When the program is timm_rc's trainer (`train.py`, `timm-rc-train`), each combination's output folder
-is the one the trainer will use (its `load_config` resolves it), and re-running the same command
-finishes the grid and redoes nothing: a complete run (`summary.json` with every epoch, and
-`model.safetensors`) is skipped, an interrupted one (checkpoints or a summary) gets `--resume`. Each
-run's output goes to `sweep.log` in its output folder. For any other program every run is started
-each time, with its log in `runs/sweep_logs/<sweep>/`.
-
-`--parallel N` runs N at once (subprocesses); `--gpus 0,1` gives the run in slot i the GPU
-`gpus[i % len(gpus)]` through CUDA_VISIBLE_DEVICES, so `--parallel 4 --gpus 0,1` puts two runs on each.
-A failing run does not stop the others. Exit code: 0 when every run succeeded, 1 when one failed,
-2 for a problem with the sweep file (one line), 130 when interrupted (re-run the command to go on).
-`random` and `bayes` sweeps need W&B's server: `wandb sweep FILE` then `wandb agent SWEEP_ID`.
-
-A thin layer over `timm_rc.sweep_runner` (`load_sweep`, `plan`, `run_sweep`) and `timm_rc.tables`.
+""" `python -m timm_rc.sweep FILE [--dry-run] [--parallel N] [--gpus 0,1]`: run a W&B grid sweep file without a
+W&B server. A thin layer over `timm_rc.sweep_runner` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
+this command's --help, and `timm_rc.tables`.
 """
 import argparse
 import shlex
 from pathlib import Path
 from typing import List, Sequence
 
+from .. import sweep_runner
 from ..sweep_runner import load_sweep, plan, run_sweep
 from ..tables import collect, table
 from .common import ArgumentParser, command, run
@@ -55,7 +34,7 @@ def _positive(text: str) -> int:
 
 @command(returns_code=True)
 def main(argv: Sequence[str]) -> int:
-    parser = ArgumentParser(prog='python -m timm_rc.sweep', description=__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc.sweep', description=sweep_runner.__doc__)
     parser.add_argument('sweep', help='a W&B sweep file (method: grid), e.g. train_configs/sweeps/table2_cifar10.yaml')
     parser.add_argument('--dry-run', action='store_true', help='print the commands (and what each run would do)')
     parser.add_argument('--parallel', type=_positive, default=None,
