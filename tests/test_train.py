@@ -564,6 +564,42 @@ def test_resume_with_other_settings_lists_the_differences(tiny_data, tmp_path, c
     assert summary['epochs_completed'] == 2
 
 
+def test_resume_refuses_other_data_of_the_same_shape_but_takes_a_moved_copy(tiny_data, tmp_path, capsys):
+    """ What identifies the data (class names, examples, a hash of the first examples) is compared on resume,
+    not the path (issue 17, item 1). """
+    import shutil
+    out = tmp_path / 'run'
+    run(['--data_dir', str(tiny_data), '--output_dir', str(out), '--epochs', '1', *TINY])
+    saved = json.loads((out / 'run_config.json').read_text())['data']
+    assert saved['train']['examples'] == 96 and saved['test']['examples'] == 40 and len(saved['train']['sha256']) == 16
+    other = make_parquet(tmp_path / 'other', seed=1)  # the same shape, other images
+    code, err = run_main(['--data_dir', str(other), '--output_dir', str(out), '--epochs', '2', '--resume', *TINY], capsys)
+    assert code == 2 and f'cannot resume {out}: its settings differ (the data ({other}) is not the data the run ' \
+        f'trained on: its test split, train split differ)' in err
+    assert json.loads((out / 'run_config.json').read_text())['data_dir'] == str(tiny_data)  # untouched
+    moved = tmp_path / 'moved'
+    shutil.copytree(tiny_data, moved)
+    summary = run(['--data_dir', str(moved), '--output_dir', str(out), '--epochs', '2', '--resume', *TINY])
+    assert summary['epochs_completed'] == 2
+
+
+def test_resume_takes_the_runs_own_settings(tiny_data, tmp_path, capsys):
+    """ `--output_dir RUN --resume` continues the run as it was trained: its data_dir, model and kwargs come
+    from its run_config.json, the command line on top (issue 17, item 6). """
+    out = tmp_path / 'run'
+    run(['--data_dir', str(tiny_data), '--output_dir', str(out), '--epochs', '1', '--lr', '0.05', *TINY])
+    try:
+        main(['--output_dir', str(out), '--resume', '--epochs', '2'])  # no --data_dir, no TINY kwargs
+    finally:
+        reset_accelerate_state()
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['epochs_completed'] == 2 and summary['model_kwargs'] == {'width': 4}
+    assert json.loads((out / 'run_config.json').read_text())['lr'] == 0.05
+    # a setting that changes the run is still refused
+    code, err = run_main(['--output_dir', str(out), '--resume', '--epochs', '3', '--lr', '0.2'], capsys)
+    assert code == 2 and 'lr: 0.05 in the run, 0.2 now' in err
+
+
 def test_ctrl_c_says_where_the_newest_checkpoint_is(tiny_data, tmp_path, capsys, monkeypatch):
     import timm_rc.train.loop as loop
 
@@ -606,6 +642,21 @@ def test_user_errors_print_on_the_main_process_only(tiny_data, tmp_path, capsys,
     monkeypatch.setenv('RANK', '1')
     code, err = run_main(['--epochz', '1'], capsys)
     assert code == 2 and err == ''
+
+
+def test_num_processes_without_multi_gpu_is_refused(tiny_data, tmp_path):
+    """ `accelerate launch --num_processes 2` without --multi_gpu starts one process on a CPU machine; the
+    trainer says so and gives the working command instead of training alone (issue 17, item 2). """
+    out = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '-q', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(REPO / 'train.py'), '--data_dir', str(tiny_data),
+           '--output_dir', str(out), '--epochs', '1', *TINY]
+    p = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert ('error: accelerate launch was asked for 2 processes but started one (without --multi_gpu the launcher '
+            'runs a single process); run accelerate launch --multi_gpu --num_processes 2 train.py') in p.stderr, \
+        p.stderr[-2000:]
+    assert not out.exists()
 
 
 def test_a_bad_config_under_the_launcher_prints_one_line(tmp_path):

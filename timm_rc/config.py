@@ -316,9 +316,14 @@ def config_help(prog: str = 'train.py') -> str:
     return '\n'.join(lines)
 
 
-def load_config(argv: Sequence[str] = ()) -> TrainConfig:
+def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None,
+                base_source: str = 'the run folder') -> TrainConfig:
+    """ The defaults, then `base` (a resumed run's own settings), then the YAML file of `--config`, then the
+    command line's `--key value` pairs. """
     cli = parse_cli(argv)
     values = dataclasses.asdict(TrainConfig())
+    if base:
+        _apply(values, {k: v for k, v in base.items() if k in _FIELDS}, base_source, from_cli=False)
     path = cli.pop('config', None)
     if path is not None:
         p = Path(path)

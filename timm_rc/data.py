@@ -15,9 +15,9 @@ Images of any size and mode (`TimmImageDataset`) go through timm's own pipeline 
 example in DataLoader workers, converted to the model's channels, resized, cropped, augmented and
 normalised by `timm.data.create_transform` for the model's pretrained config (`resolve_data_config`).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .errors import UserError
 
 __all__ = ['ImageSplit', 'Splits', 'load_splits', 'load_split', 'split_loader', 'load_image_splits', 'load_dataset_splits',
            'small_uniform_images', 'choose_data_path', 'TimmImageDataset', 'timm_transforms', 'augment', 'normalize',
-           'epoch_generator', 'GpuBatches', 'BatchedTensorDataset', 'collate_batch', 'DATA_PATHS']
+           'epoch_generator', 'GpuBatches', 'BatchedTensorDataset', 'collate_batch', 'DATA_PATHS', 'data_identity']
 
 # how images reach the model: 'gpu' and 'dataloader' hold uint8 tensors (CIFAR-sized data), 'timm' decodes
 # per example through timm's pipeline; 'auto' chooses (`choose_data_path`)
@@ -178,6 +178,7 @@ class Splits:
     num_classes: int
     class_names: List[str]
     test_name: str  # 'test', or the split that stands in for it ('validation', ...)
+    identity: Dict[str, Any] = field(default_factory=dict)  # what identifies the data (`data_identity`)
 
 
 def load_splits(dataset: str = 'cifar10', data_dir: Optional[str] = None, *, model=None, loader: Optional[str] = 'auto',
@@ -216,7 +217,27 @@ def load_splits(dataset: str = 'cifar10', data_dir: Optional[str] = None, *, mod
                             f'images {tuple(out["train"].images.shape[2:])}; --loader timm resizes them (or leave '
                             f'loader at auto)')
     test_name = str(test_raw.split) if test_raw.split is not None else 'test'
-    return Splits(out.get('train'), out.get('test'), path, num_classes, names, test_name)
+    identity = data_identity({name: raw[name] for name in which}, image_col, label_col, names)
+    return Splits(out.get('train'), out.get('test'), path, num_classes, names, test_name, identity)
+
+
+def data_identity(splits: Dict[str, Tuple[Any, Optional[int]]], image_col: str, label_col: str,
+                  class_names: Sequence[str], probe: int = 64) -> Dict[str, Any]:
+    """ What identifies the data a run uses, wherever its files lie: the class names, and per split the number
+    of examples used and a sha256 of the encoded bytes and labels of its first `probe` examples. A moved copy
+    of the same data has the same identity; another dataset of the same shape has another. """
+    import hashlib
+    import datasets
+    out: Dict[str, Any] = {'class_names': list(class_names)}
+    for name, (split, limit) in splits.items():
+        n = len(split) if limit is None else min(limit, len(split))
+        head = split.select(range(min(probe, n))).cast_column(image_col, datasets.Image(decode=False))
+        digest = hashlib.sha256()
+        for image, label in zip(head[image_col], head[label_col]):
+            digest.update(image['bytes'] or b'')
+            digest.update(str(label).encode())
+        out[name] = {'examples': n, 'sha256': digest.hexdigest()[:16]}
+    return out
 
 
 def load_split(dataset: str = 'cifar10', data_dir: Optional[str] = None, split: str = 'test',

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .checkpoints import complete_checkpoints, latest_checkpoint, writing
-from .config import INIT_KWARGS, config_defaults
+from .config import INIT_KWARGS, TrainConfig, config_defaults, load_config
 from .errors import UserError
 
-__all__ = ['Run', 'walk_runs', 'PAPER_RC_MODELS']
+__all__ = ['Run', 'walk_runs', 'load_run_config', 'PAPER_RC_MODELS']
 
 MAX_JSON_BYTES = 1 << 20  # a run's summary.json / run_config.json is a few KB
 # the paper's networks, whose default block changed in 0.2.0 ('preact' before, 'postact' since)
@@ -290,3 +290,18 @@ def walk_runs(roots, on_skip: Optional[Callable[[str], None]] = None) -> List[Tu
             continue
         out.append((run, summary))
     return out
+
+
+def load_run_config(argv) -> TrainConfig:
+    """ The trainer's config from the command line; with --resume into a folder that holds a run, the run's
+    own settings (run_config.json) are the base under the config file and the command line, so that
+    `python train.py --output_dir RUN --resume` continues the run as it was trained. Settings that change
+    what is trained are still refused by the trainer. """
+    cfg = load_config(argv)
+    if cfg.resume is None:
+        return cfg
+    run = Run(cfg.resolved_output_dir())
+    if not run.has_config():
+        return cfg
+    saved = {k: v for k, v in run.config().items() if k not in ('resume', 'output_dir')}
+    return load_config(argv, base=saved, base_source=str(run.path / Run.CONFIG))

@@ -15,9 +15,9 @@ import threading
 import time
 from typing import Optional, Sequence
 
-from ..config import TrainConfig, config_help, load_config, wants_help
+from ..config import TrainConfig, config_help, wants_help
 from ..errors import UserError
-from ..runs import Run
+from ..runs import Run, load_run_config
 from ..train.loop import Diverged, train
 from .common import run as run_command
 
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, stop)
     try:
-        cfg = load_config(argv)
+        cfg = load_run_config(argv)
         train(cfg)
     except UserError as e:
         if _is_main_process():

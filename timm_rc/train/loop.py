@@ -241,6 +241,35 @@ def _launcher_set_threads() -> bool:
     return not user_chose
 
 
+def _asked_processes() -> Optional[int]:
+    """ The --num_processes N that `accelerate launch` (this process's parent) was given, or None. """
+    if 'ACCELERATE_MIXED_PRECISION' not in os.environ:  # not started by accelerate launch
+        return None
+    try:
+        argv = [a.decode(errors='replace') for a in Path(f'/proc/{os.getppid()}/cmdline').read_bytes().split(b'\0')]
+    except OSError:
+        return None
+    for i, a in enumerate(argv):
+        value = a.split('=', 1)[1] if a.startswith('--num_processes=') else (
+            argv[i + 1] if a == '--num_processes' and i + 1 < len(argv) else None)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _check_launch(world: int) -> None:
+    """ `accelerate launch --num_processes N` without --multi_gpu (and without a config that says so) starts one
+    process: a run that asked for several never trains on one silently. """
+    asked = _asked_processes()
+    if asked is not None and asked > 1 and world == 1:
+        raise UserError(f'accelerate launch was asked for {asked} processes but started one (without --multi_gpu the '
+                        f'launcher runs a single process); run accelerate launch --multi_gpu --num_processes {asked} '
+                        f'train.py ... (gloo processes on a CPU machine), or drop --num_processes')
+
+
 def _set_cpu_threads(cfg: TrainConfig) -> Optional[str]:
     """ CPU training uses the cores this process is entitled to (its affinity mask over the processes
     of this machine) unless the user chose a count (num_threads, OMP_NUM_THREADS, or the launcher's
@@ -272,7 +301,16 @@ def _check_same_run(run: Run, run_config: Dict[str, Any]) -> None:
     saved_file = run.path / Run.CONFIG
     saved = run.config()
     diffs = [f'{k}: {saved.get(k)!r} in the run, {v!r} now' for k, v in run_config.items()
-             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+             if k not in RESUME_MAY_CHANGE | {'data'} and k in saved and saved[k] != v]
+    if 'data' in saved and saved['data'] != run_config['data']:  # other data, wherever it lies (data_dir may move)
+        was, now = saved['data'], run_config['data']
+        what = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        diffs.append(f'the data ({run_config.get("data_dir") or run_config.get("dataset")}) is not the data the run '
+                     f'trained on: its {", ".join("class names" if k == "class_names" else k + " split" for k in what)} '
+                     f'differ')
+    if (saved.get('loader') == 'timm') != (run_config.get('loader') == 'timm'):  # another augmentation altogether
+        diffs.append(f'loader: {saved.get("loader")!r} in the run, {run_config.get("loader")!r} now (timm\'s pipeline '
+                     f'augments differently from the uint8 paths)')
     if diffs:
         raise UserError(f'cannot resume {saved_file.parent}: its settings differ ({"; ".join(diffs)}). Resume with '
                         f'the run\'s own settings (see {saved_file}) or start a new output_dir; these may change on '
@@ -334,6 +372,7 @@ def _make_accelerator(cfg: TrainConfig, out: Path):
     cuda = torch.cuda.is_available()
     mixed_precision = ('bf16' if cuda else 'no') if cfg.mixed_precision == 'auto' else cfg.mixed_precision
     world = int(os.environ.get('WORLD_SIZE', '1'))
+    _check_launch(world)
     _check_device_settings(cfg, cuda, world, mixed_precision)
     threads_note = _set_cpu_threads(cfg) if not cuda else None
     trackers, wandb_mode, wandb_note = _trackers(cfg, out)
@@ -443,7 +482,8 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
     if splits.path != 'gpu':
         batches = accelerator.prepare(batches)
     run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=splits.path,
-                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(run.path))
+                      mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(run.path),
+                      data=splits.identity)
     state = dict(epoch=0, global_step=0, best_test_top1_error=None, train_time_s=0.0, train_images=0,
                  wall_time_s=0.0)
     return _Setup(
