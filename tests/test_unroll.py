@@ -5,6 +5,8 @@ import pickle
 
 import pytest
 import torch
+
+import timm_rc
 from safetensors.torch import load_file, save_file
 from timm.models.resnet import BasicBlock as TimmBasic, Bottleneck as TimmBottleneck
 from torch import nn
@@ -453,3 +455,106 @@ def test_invertible_downsample_is_exactly_invertible():
     assert torch.equal(down.inverse(y), x)
     # channel 4c + 2i + j of the output holds pixel (2h + i, 2w + j) of input channel c
     assert torch.equal(y[:, 4 * 1 + 2 * 1 + 0], x[:, 1, 1::2, 0::2])
+
+
+# ---- every norm layer follows bn_sharing (issue 17, item 3) ------------------------------------
+
+
+class GroupNormBlock(nn.Module):
+    """ A GroupNorm residual block (NFNet / GroupNorm-ResNet style). """
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.n1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(2, c)
+        self.conv2, self.n2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(2, c)
+
+    def forward(self, x):
+        return torch.relu(x + self.n2(self.conv2(torch.relu(self.n1(self.conv1(x))))))
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize('make,norm', [
+    (lambda: GroupNormBlock(8), 32),  # two GroupNorm(2, 8): weight + bias each
+    (lambda: __import__('timm').models.convnext.ConvNeXtBlock(8), 16),  # one LayerNorm(8)
+    (lambda: __import__('timm').models.convnext.ConvNeXtBlock(8, conv_mlp=True), 16),  # one timm LayerNorm2d(8)
+], ids=['groupnorm', 'convnext_layernorm', 'convnext_layernorm2d'])
+def test_groupnorm_and_layernorm_follow_bn_sharing(make, norm):
+    from timm_rc.layers import is_norm
+    block = make()
+    assert sum(p.numel() for m in block.modules() if is_norm(m) for p in m.parameters(recurse=False)) == norm
+    counts = {s: _params(unroll(make(), 4, bn_sharing=s)) for s in BN_SHARING}
+    assert counts['shared'] == _params(block)
+    assert counts['independent'] == _params(block) + 3 * norm
+    assert counts['none'] == _params(block) - norm
+    cell = unroll(make(), 4, bn_sharing='independent')
+    norms = [[m for m in step.modules() if is_norm(m)] for step in cell.steps]
+    assert len({id(m) for ms in norms for m in ms}) == 4 * len(norms[0])  # each step its own norms
+    assert cell.steps[0].state_dict().keys() == cell.steps[3].state_dict().keys()
+    x = torch.randn(2, 8, 6, 6)
+    assert cell(x).shape == x.shape
+    none = unroll(make(), 4, bn_sharing='none')
+    assert not any(is_norm(m) for m in none.modules())
+
+
+def test_a_norm_layer_unroll_does_not_know_is_refused():
+    class MyNorm(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(c))
+
+        def forward(self, x):
+            return x / x.std() * self.scale[:, None, None]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), MyNorm(4)
+
+        def forward(self, x):
+            return x + self.norm(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"unroll\(\) does not know the norm layer\(s\) norm \(MyNorm\): bn_sharing "
+                                         r"gives each step its own copy"):
+        unroll(Block(), 2)
+    from timm_rc.layers import NORM_LAYERS, register_norm_layer
+    register_norm_layer(MyNorm)
+    try:
+        assert _params(unroll(Block(), 3)) == _params(Block()) + 2 * 4
+    finally:
+        NORM_LAYERS.remove(MyNorm)
+
+
+def test_none_keeps_the_activation_of_a_norm_act_layer():
+    from timm.layers import BatchNormAct2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), BatchNormAct2d(4, act_layer=nn.ReLU)
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    cell = unroll(Block(), 2, bn_sharing='none')
+    assert isinstance(cell.steps[0].bn, nn.ReLU)
+    block = Block().eval()
+    x = torch.randn(1, 4, 5, 5)
+    ref = x + torch.relu(block.conv(x))
+    cell = unroll(block, 1, bn_sharing='none')
+    assert torch.equal(cell(x), ref)
+
+
+def test_convert_to_rc_gives_each_step_its_blocks_groupnorm():
+    blocks = [GroupNormBlock(8) for _ in range(3)]
+    for i, b in enumerate(blocks):
+        nn.init.constant_(b.n1.weight, float(i + 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *blocks)
+    before = _params(model)
+    report = timm_rc.convert_to_rc(model, input_size=(3, 8, 8))
+    cell = model[1]
+    assert [float(step.n1.weight[0]) for step in cell.steps] == [1.0, 2.0, 3.0]
+    conv = 2 * 8 * 8 * 9
+    assert report.params_after == before - 2 * conv

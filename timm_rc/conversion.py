@@ -28,11 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from timm.layers import DropPath
 
-from .layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, Unrolled, step_map, unroll
+from .layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, Unrolled, is_norm, step_map, unroll
 
 __all__ = ['convert_to_rc', 'RCConversion', 'SharedRun', 'find_runs']
 
@@ -88,7 +87,7 @@ def _params(module: nn.Module) -> int:
 
 
 def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, _BatchNorm)
+    return is_norm(m)  # every norm layer: the one rule of timm_rc.unroll
 
 
 _DROP = re.compile(r'DropPath\(drop_prob=[0-9.e-]+\)|drop_prob=[0-9.e-]+')

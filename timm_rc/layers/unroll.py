@@ -2,7 +2,8 @@
 
 `unroll(block, steps)` turns any shape-preserving residual block into a recurrent-convolution (RC)
 cell: the block is applied `steps` times in a row, h_{i+1} = f_w(h_i), with one set of weights.
-What happens to the block's BatchNorm layers is chosen with `bn_sharing`:
+What happens to the block's normalisation layers (BatchNorm, and every other norm: GroupNorm, LayerNorm,
+InstanceNorm, RMSNorm, timm's norm layers; `is_norm`) is chosen with `bn_sharing`:
 
 * ``"independent"`` (the paper's fix): every step has its own BN layers (own running statistics,
   own gamma/beta). Only the rest of the block is shared.
@@ -37,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from timm.layers import DropPath
 
-__all__ = ['BN_SHARING', 'BN_POLICIES', 'DEFAULT_BN_POLICY', 'Unrolled', 'unroll', 'step_map']
+__all__ = ['BN_SHARING', 'BN_POLICIES', 'DEFAULT_BN_POLICY', 'Unrolled', 'unroll', 'step_map', 'is_norm', 'NORM_LAYERS', 'register_norm_layer']
 
 BN_SHARING = ('independent', 'shared', 'none')
 BN_POLICIES = ('first', 'spread')
@@ -48,8 +49,49 @@ BN_POLICIES = ('first', 'spread')
 DEFAULT_BN_POLICY = 'spread'
 
 
-def _is_bn(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm)
+def _norm_layers() -> Tuple[type, ...]:
+    from timm.layers import norm, norm_act
+    from torch.nn.modules.instancenorm import _InstanceNorm
+    layers = [_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm,
+              norm.RmsNorm, norm.RmsNorm2d, norm.SimpleNorm, norm.SimpleNorm2d, norm_act.FrozenBatchNorm2d,
+              norm_act.FrozenBatchNormAct2d]
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+        layers.append(FrozenBatchNorm2d)
+    except ImportError:  # torchvision is optional here
+        pass
+    return layers
+
+
+# The normalisation layers `bn_sharing` applies to: the paper's argument (each step's statistics and affine
+# parameters differ) holds for the affine parameters of any norm, so each step gets its own copy of every one
+NORM_LAYERS = _norm_layers()
+
+
+def register_norm_layer(cls: type) -> type:
+    """ Make `unroll` (and `convert_to_rc`) treat `cls` as a norm layer: one copy per step with
+    bn_sharing='independent', one for all with 'shared', removed with 'none'. Usable as a decorator. """
+    if cls not in NORM_LAYERS:
+        NORM_LAYERS.append(cls)
+    return cls
+
+
+def is_norm(module: nn.Module) -> bool:
+    """ Whether `module` is a normalisation layer that `bn_sharing` applies to (`NORM_LAYERS`: torch's
+    BatchNorm/SyncBatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm, timm's norm and norm-act layers,
+    frozen BN). """
+    return isinstance(module, tuple(NORM_LAYERS))
+
+
+_is_bn = is_norm  # the name the rest of this module uses
+
+
+def _unknown_norms(block: nn.Module) -> List[str]:
+    """ Modules that look like norm layers (a class name with 'Norm', tensors of their own) but are not
+    `NORM_LAYERS`: unroll cannot tell which of their tensors are per step. """
+    return [f'{name or "(the block)"} ({type(m).__name__})' for name, m in block.named_modules()
+            if 'Norm' in type(m).__name__ and not is_norm(m)
+            and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
 
 
 def _bn_free_modules(block: nn.Module) -> List[nn.Module]:
@@ -92,12 +134,20 @@ def _drop_path_rates(drop_path, steps: int) -> Optional[List[float]]:
     return [float(r) for r in rates]
 
 
+def _without_norm(norm_layer: nn.Module) -> nn.Module:
+    """ What stands in for a removed norm layer: nn.Identity, or for a norm-act layer (timm's BatchNormAct2d,
+    GroupNormAct, ...) its dropout and activation, which are not normalisation. """
+    parts = [m for m in (getattr(norm_layer, 'drop', None), getattr(norm_layer, 'act', None))
+             if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return nn.Sequential(*parts) if len(parts) > 1 else parts[0] if parts else nn.Identity()
+
+
 def _replace_bn(module: nn.Module) -> int:
-    """ Replace every BN layer below `module` with nn.Identity, in place. Returns how many. """
+    """ Replace every norm layer below `module` (`_without_norm`), in place. Returns how many. """
     count = 0
     for name, child in module.named_children():
         if _is_bn(child):
-            setattr(module, name, nn.Identity())
+            setattr(module, name, _without_norm(child))
             count += 1
         else:
             count += _replace_bn(child)
@@ -332,8 +382,11 @@ def unroll(
             of each step (the RC cells' "double independent" BN, indexed by the upstream cell's
             step count). In the state_dict, step i of group g is ``steps.{g * steps + i}``.
 
-    Every torch.nn BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses such as timm's
-    BatchNormAct2d) anywhere in the block counts as a BN layer. With "none", an in-place op right
+    Every normalisation layer anywhere in the block counts as a "BN layer" here (`is_norm`: torch's
+    BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm, timm's norm and norm-act
+    layers such as BatchNormAct2d, LayerNorm2d, GroupNormAct, frozen BN); a module that looks like a norm
+    layer but is none of these is refused. With "none" a norm-act layer keeps its activation (and
+    dropout), the normalisation goes. With "none", an in-place op right
     after a BN layer then acts on that layer's input: in a pre-activation block (BN-ReLU first) make
     that first activation not in place, or it overwrites the shortcut.
     """
@@ -348,6 +401,12 @@ def unroll(
     if bn_groups > 1 and bn_sharing != 'independent':
         raise ValueError(f"bn_groups > 1 keeps several sets of per-step BN layers and needs bn_sharing='independent', "
                          f"got {bn_sharing!r}")
+    unknown = _unknown_norms(block)
+    if unknown:
+        raise ValueError(f'unroll() does not know the norm layer(s) {", ".join(unknown)}: bn_sharing gives each step its '
+                         f'own copy of every norm layer (or shares or removes them), and applies to torch\'s BatchNorm, '
+                         f'InstanceNorm, GroupNorm, LayerNorm, RMSNorm and timm\'s norm layers; build the block with one '
+                         f'of those, or register its class with timm_rc.layers.register_norm_layer')
     downsample = getattr(block, 'downsample', None)
     if not _is_identity_shortcut(downsample):
         raise ValueError(
