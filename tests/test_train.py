@@ -583,6 +583,15 @@ def test_resume_refuses_other_data_of_the_same_shape_but_takes_a_moved_copy(tiny
     assert summary['epochs_completed'] == 2
 
 
+def test_the_progress_bar_shows_the_loss_in_short_epochs(tiny_data, tmp_path, capsys):
+    """ 6 steps an epoch, log_interval 50: the bar still shows the epoch's loss (issue 17, item 13). """
+    capsys.readouterr()
+    summary = run(['--data_dir', str(tiny_data), '--output_dir', str(tmp_path / 'run'), '--epochs', '1',
+                   '--model_kwargs', '{"width": 4}', '--batch_size', '16', '--log_interval', '50'])
+    err = capsys.readouterr().err
+    assert f'loss={summary["train_loss"]:.4f}' in err, err[-1000:]
+
+
 def test_resume_takes_the_runs_own_settings(tiny_data, tmp_path, capsys):
     """ `--output_dir RUN --resume` continues the run as it was trained: its data_dir, model and kwargs come
     from its run_config.json, the command line on top (issue 17, item 6). """

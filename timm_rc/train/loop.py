@@ -529,6 +529,8 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
     seen = steps = 0
     drawn = []  # this epoch's k' draws (sample_steps)
     host = HostScalars(device)
+    # short epochs refresh more often than log_interval, so that the loss shows within the epoch
+    interval = min(cfg.log_interval, max(1, s.steps_per_epoch // 10))
     stop = False
     t0 = last_t = time.time()
     for images, labels in s.batches:
@@ -556,8 +558,11 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
         steps += 1
         s.state['global_step'] += 1
         fault(f'step{s.state["global_step"]}')
-        if steps % cfg.log_interval == 0 or steps == s.steps_per_epoch:
-            ready = host.push(torch.stack([loss_sum / steps, correct.float() / seen]))
+        last = steps == s.steps_per_epoch
+        if steps % interval == 0 or last:
+            values = torch.stack([loss_sum / steps, correct.float() / seen])
+            # the last step reads its values at once: the epoch ends with a host sync anyway
+            ready = values.tolist() if last else host.push(values)
             now = time.time()
             rate = (steps - bar.n) * labels.numel() * world / max(now - last_t, 1e-9)
             post = dict(lr=f'{s.scheduler.get_last_lr()[0]:.4g}', img_s=f'{rate:.0f}')
