@@ -35,13 +35,17 @@ def main():
     p.add_argument('--loader', default='auto', choices=['auto', 'gpu', 'dataloader'])
     p.add_argument('--epochs', type=int, default=3)
     p.add_argument('--train_samples', type=int, default=None, help='default: the whole training split')
+    p.add_argument('--num_threads', type=int, default=None,
+                   help='CPU threads (default: torch\'s, every core); give each of several CPU jobs its share')
     args = p.parse_args()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)  # the decode below too
 
     t = time.perf_counter()
     train_split, test_split, _, _ = load_image_splits('cifar10', args.data_dir)
     decode_s = time.perf_counter() - t
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
-    print(f'device: {device}; torch {torch.__version__}')
+    print(f'device: {device}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads')
     print(f'decode: {len(train_split) + len(test_split):,} images in {decode_s:.2f} s '
           f'({(len(train_split) + len(test_split)) / decode_s:,.0f} images/s)')
     print(f'{"model":<12} {"batch":>6} {"precision":>9} {"compile":>16} {"loader":>10} '
@@ -56,6 +60,8 @@ def main():
                 argv += ['--model_kwargs', json.dumps({'width': args.width})]
             if args.train_samples:
                 argv += ['--max_train_samples', str(args.train_samples)]
+            if args.num_threads is not None:
+                argv += ['--num_threads', str(args.num_threads)]
             if args.compile:
                 argv += ['--compile']
                 if args.compile_mode:

@@ -243,6 +243,31 @@ def test_parallel_runs_get_gpus_round_robin(tmp_path, monkeypatch, capsys):
     assert gpus[:3] == ['gpu 0', 'gpu 1', 'gpu 0'] and gpus[3] in ('gpu 0', 'gpu 1')  # slot i: gpus[i % 2]
 
 
+def test_parallel_cpu_runs_get_their_share_of_the_cores(tmp_path, monkeypatch, capsys):
+    """ Without GPUs, N runs at once get cores // N threads each (OMP_NUM_THREADS), unless the user chose
+    (OMP_NUM_THREADS set, or --num_threads in the command); one run at a time keeps the default (issue 17,
+    item 5). """
+    import timm_rc.sweep_runner as runner
+    monkeypatch.setattr('torch.cuda.is_available', lambda: False)
+    monkeypatch.setattr(runner.os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
+    assert runner.cpu_threads_per_run(2, None, {}) == 4 and runner.cpu_threads_per_run(3, None, {}) == 2
+    assert runner.cpu_threads_per_run(16, None, {}) == 1
+    assert runner.cpu_threads_per_run(1, None, {}) is None
+    assert runner.cpu_threads_per_run(2, ['0', '1'], {}) is None
+    assert runner.cpu_threads_per_run(2, None, {'OMP_NUM_THREADS': '3'}) is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'threads.py').write_text('import os, sys\nprint("threads", os.environ.get("OMP_NUM_THREADS"))\n')
+    path = write_sweep(tmp_path / 'cpu.yaml', program='threads.py', parameters={'n': {'values': [1, 2]}},
+                       command=['${env}', '${interpreter}', '${program}', '${args}'])
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+    monkeypatch.setattr(runner.os, 'environ', env)
+    assert main([str(path), '--parallel', '2']) == 0
+    out = capsys.readouterr().out
+    assert 'with 4 CPU threads (its share of the cores)' in out
+    logs = [(tmp_path / 'runs' / 'sweep_logs' / 'cpu' / f'00{i}.log').read_text().splitlines() for i in (1, 2)]
+    assert all(log[1] == 'threads 4' and 'OMP_NUM_THREADS=4 ' in log[0] for log in logs)
+
+
 def test_ctrl_c_stops_the_runs_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'prog.py').write_text(PROGRAM)
