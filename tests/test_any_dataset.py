@@ -144,3 +144,34 @@ def test_a_test_split_unlike_the_training_split_goes_through_timm_or_is_refused(
         assert run([*common, '--output_dir', str(tmp_path / f'{name}_auto')])['loader'] == 'timm'
         with pytest.raises(UserError, match=message):
             run([*common, '--loader', 'dataloader', '--output_dir', str(tmp_path / f'{name}_tensor')])
+
+
+def test_an_image_folder_trains_and_evaluates(tmp_path):
+    """ datasets' imagefolder layout (split/class/image) is read as it is (issue 17, item 14). """
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'folder'
+    for split, n in (('train', 32), ('test', 8)):
+        for i in range(n):
+            label = i % 2
+            arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            arr[..., label] = 255
+            (root / split / f'class{label}').mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / split / f'class{label}' / f'{i}.png')
+    from timm_rc.data import load_splits
+    splits = load_splits('x', str(root))
+    assert (len(splits.train), len(splits.test), splits.class_names, splits.path) == (32, 8, ['class0', 'class1'],
+                                                                                       'dataloader')
+    out = tmp_path / 'run'
+    summary = run(['--data_dir', str(root), '--output_dir', str(out), '--epochs', '1', '--batch_size', '16',
+                   '--model_kwargs', '{"width": 4, "num_classes": 2}'])
+    assert summary['eval_examples'] == 8 and summary['train_examples'] == 32
+    assert eval_main([str(out), '--json'])['top1_error'] == summary['test_top1_error']
+
+
+def test_a_folder_without_data_names_both_layouts(tmp_path, capsys):
+    from timm_rc.data import load_splits
+    from timm_rc.errors import UserError
+    with pytest.raises(UserError, match=r'holds no parquet files \(expected train.parquet and test.parquet\) and no '
+                                        r'image folder \(expected train/<class>/<image> and test/<class>/<image>\)'):
+        load_splits('x', str(tmp_path))

@@ -32,6 +32,7 @@ __all__ = ['ImageSplit', 'Splits', 'load_splits', 'load_split', 'split_loader', 
 # per example through timm's pipeline; 'auto' chooses (`choose_data_path`)
 DATA_PATHS = ('auto', 'gpu', 'dataloader', 'timm')
 
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 SHORT_NAMES = {'cifar10': 'uoft-cs/cifar10', 'cifar100': 'uoft-cs/cifar100'}
 LABEL_COLUMNS = ('label', 'fine_label', 'labels')
 TEST_SPLITS = ('test', 'validation', 'valid', 'val')  # the split evaluated on: the first that exists
@@ -52,9 +53,14 @@ def _load_dataset_dict(dataset: str, data_dir: Optional[str]):
         path = Path(data_dir)
         if not path.is_dir():
             raise UserError(f'data_dir {data_dir} does not exist or is not a folder')
-        if not any(path.glob('*.parquet')) and not any(path.glob('*/*.parquet')):
-            raise UserError(f'data_dir {data_dir} holds no parquet files (expected train.parquet and test.parquet)')
+        parquet = any(path.glob('*.parquet')) or any(path.glob('*/*.parquet'))
+        images = not parquet and any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.glob('*/*/*'))
+        if not parquet and not images:
+            raise UserError(f'data_dir {data_dir} holds no parquet files (expected train.parquet and test.parquet) and '
+                            f'no image folder (expected train/<class>/<image> and test/<class>/<image>)')
         try:
+            if images:  # datasets' imagefolder layout: split/class/image, the class from the folder name
+                return datasets.load_dataset('imagefolder', data_dir=str(path))
             return datasets.load_dataset(str(path))
         except Exception as e:  # datasets raises many kinds here
             raise UserError(f'could not read the dataset in {data_dir}: {e}') from None
