@@ -162,10 +162,25 @@ def test_bad_arguments_are_clear():
         convert_to_rc(timm.create_model('resnet50'), steps=0, input_size=SMALL)
     with pytest.raises(ValueError, match=r"unknown bn_sharing 'double'; valid values: 'independent', 'shared', 'none'"):
         convert_to_rc(timm.create_model('resnet18'), bn_sharing='double')
-    with pytest.raises(ValueError, match=r'needs input_size \(C, H, W\)'):
+    with pytest.raises(ValueError, match=r'needs input_size \(C, H, W\) .* does not start with a 2-D convolution'):
         convert_to_rc(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r'convert it at 4 steps'):
         convert_to_rc(timm.create_model('rc4_unshared_cifar', width=4), steps=2)
+
+
+def test_a_torchvision_network_without_a_cfg_is_probed_at_224():
+    """ torchvision models have no pretrained_cfg: a network that starts with a 2-D convolution is probed with a
+    224 x 224 image of its channels (issue 17, item 8); the runs found equal those at the size given. """
+    import torchvision
+    model = torchvision.models.resnet34()
+    given = convert_to_rc(torchvision.models.resnet34(), input_size=(3, 64, 64))
+    report = convert_to_rc(model)
+    assert [(r.container, r.blocks) for r in report.runs] == [(r.container, r.blocks) for r in given.runs]
+    assert [(r.container, len(r.blocks)) for r in report.runs] == [('layer1', 3), ('layer2', 3), ('layer3', 5),
+                                                                   ('layer4', 2)]
+    assert report.params_after == given.params_after < report.params_before
+    with pytest.raises(ValueError, match=r'could not run Sequential on a zero image of size \(3, 224, 224\)'):
+        convert_to_rc(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2)))
 
 
 def test_nothing_to_share_is_a_warning_and_the_model_unchanged():

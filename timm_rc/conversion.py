@@ -119,6 +119,10 @@ def _probe_shapes(model: nn.Module, input_size: Sequence[int]) -> Dict[int, Tupl
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f'convert_to_rc() could not run {type(model).__name__} on a zero image of size '
+                         f'{tuple(input_size)} to find its shape-preserving blocks ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else ""}); pass the input_size (C, H, W) it takes') from None
     finally:
         model.train(was_training)
         for h in handles:
@@ -160,12 +164,22 @@ def find_runs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> L
     return runs
 
 
+DEFAULT_IMAGE_SIDE = 224  # the probe image of a 2-D network without a pretrained_cfg (e.g. torchvision's)
+
+
 def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """ The probe's input: the given size, the model's pretrained_cfg input_size, or, for a network whose first
+    layer is a 2-D convolution (torchvision's), a 224 x 224 image of its channels: the probe only finds which
+    blocks keep their shape, which does not depend on the image size for a convolutional network. """
     if input_size is None:
         input_size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
     if input_size is None:
+        first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+        if isinstance(first, nn.Conv2d):
+            return (first.in_channels, DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE)
         raise ValueError('convert_to_rc() needs input_size (C, H, W) to find the shape-preserving blocks: the model '
-                         'has no pretrained_cfg input_size; pass e.g. input_size=(3, 224, 224)')
+                         'has no pretrained_cfg input_size and does not start with a 2-D convolution; pass e.g. '
+                         'input_size=(3, 224, 224)')
     return tuple(input_size)
 
 
