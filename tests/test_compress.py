@@ -283,3 +283,19 @@ def test_the_plain_network_of_a_registered_family_is_its_base():
     assert _plain_network(timm.create_model('rc4_cifar', width=4), 'rc4_cifar', {'width': 4}) == \
         ('rc4_cifar', {'width': 4, 'share_weights': False})
     assert _plain_network(timm.create_model('rc1_cifar', width=4), 'rc1_cifar', {'width': 4}) is None
+
+
+def test_quantize_in_place_equals_the_files_weights_and_bad_configs_are_named(tmp_path):
+    """ quantize_(model, config) rounds in place to exactly what the quantized file loads back to. """
+    from timm_rc.quantize import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from timm_rc.train import UserError
+    for config in (Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=16)):
+        model = timm.create_model('rc4_cifar', width=4)
+        path = tmp_path / f'{config.name}.safetensors'
+        save_quantized(model, path, config)
+        loaded = load_quantized(path)
+        assert quantize_(model, config) is model
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(UserError, match=r"'int8' is not a quantization config; use one of Int8WeightOnlyConfig\(\), "
+                                        r"Int4WeightOnlyConfig\(\) \(or 8 / 4\)"):
+        quantize_(timm.create_model('rc4_cifar', width=4), 'int8')

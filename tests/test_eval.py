@@ -224,3 +224,29 @@ def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
     shutil.copytree(run, new)
     (new / 'summary.json').write_text(json.dumps({'model': 'rc2_cifar', 'versions': {'timm_rc': '0.2.0'}}))
     assert load_model(new).block == 'postact'
+
+
+@pytest.mark.parametrize('old,name,new', [
+    ('timm_rc.eval', 'evaluate', 'timm_rc.evaluation'), ('timm_rc.eval', 'find_run', 'timm_rc.runs'),
+    ('timm_rc.eval', 'load_model', 'timm_rc.loading'), ('timm_rc.compress', 'static_int8', 'timm_rc.quantize'),
+    ('timm_rc.compress', 'report_models', 'timm_rc.compression'), ('timm_rc.results', 'table', 'timm_rc.tables'),
+    ('timm_rc.plots', 'plot_bn', 'timm_rc.figures'), ('timm_rc.sweep', 'plan', 'timm_rc.sweep_runner'),
+    ('timm_rc.train.config', 'TrainConfig', 'timm_rc.config'), ('timm_rc.train.data', 'load_image_splits', 'timm_rc.data'),
+    ('timm_rc.train.checkpoint', 'choose_checkpoint', 'timm_rc.checkpoints'),
+    ('timm_rc.train', 'main', 'timm_rc.cli.train'), ('timm_rc.train.loop', 'main', 'timm_rc.cli.train'),
+])
+def test_names_of_0_2_0_still_import_with_one_deprecation_warning(old, name, new):
+    import importlib
+    import sys
+    import warnings
+    module = importlib.import_module(old)
+    module.__dict__.pop(name, None)  # a value kept by an earlier access
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        value = getattr(module, name)
+        assert getattr(module, name) is value
+    assert value is getattr(importlib.import_module(new), name)
+    assert [str(w.message) for w in caught] == [
+        f'{old}.{name} moved to {new}.{name} (timm_rc 0.3.0); the old name goes in 0.4.0']
+    with pytest.raises(AttributeError, match=f"module '{old}' has no attribute 'no_such_name'"):
+        getattr(sys.modules[old], 'no_such_name')

@@ -268,6 +268,17 @@ def test_parallel_cpu_runs_get_their_share_of_the_cores(tmp_path, monkeypatch, c
     assert all(log[1] == 'threads 4' and 'OMP_NUM_THREADS=4 ' in log[0] for log in logs)
 
 
+def test_a_sweep_run_from_another_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """ The shipped sweeps' program and config paths are relative to the repository root: from elsewhere the
+    runner says so instead of planning commands that cannot start (issue 17 review). """
+    monkeypatch.chdir(tmp_path)
+    sweep = Path(__file__).resolve().parents[1] / 'train_configs' / 'sweeps' / 'cpu_demo.yaml'
+    assert main([str(sweep), '--dry-run']) == 2
+    assert capsys.readouterr().err == (
+        f"error: the sweep's program train.py does not exist from here ({tmp_path}); run the sweep from the folder "
+        f"its paths are relative to (the repository root for train_configs/sweeps/*.yaml), as wandb agent would be\n")
+
+
 def test_ctrl_c_stops_the_runs_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'prog.py').write_text(PROGRAM)

@@ -558,3 +558,22 @@ def test_convert_to_rc_gives_each_step_its_blocks_groupnorm():
     assert [float(step.n1.weight[0]) for step in cell.steps] == [1.0, 2.0, 3.0]
     conv = 2 * 8 * 8 * 9
     assert report.params_after == before - 2 * conv
+
+
+def test_unshared_weights_do_not_load_into_a_shared_cell():
+    """ The ResNet-18 graph's weights once loaded into RC-4 without an error, each step's copy overwriting the
+    shared tensor (the last step's won); now it is an error naming the cure. A shared cell's own state_dict,
+    and one that lists the aliases with the same values, still load. """
+    import timm
+    unshared = timm.create_model('rc4_unshared_cifar', width=4)
+    shared = timm.create_model('rc4_cifar', width=4)
+    with pytest.raises(RuntimeError, match=r'6 tensor\(s\) such as cell1.steps.1.conv1.weight hold other values than '
+                                           r'the weights that cell1 shares across its steps .* convert them with '
+                                           r'timm_rc.convert_to_rc'):
+        shared.load_state_dict(unshared.state_dict())
+    other = timm.create_model('rc4_cifar', width=4)
+    other.load_state_dict(shared.state_dict())
+    full = dict(shared.state_dict())
+    full['cell1.steps.2.conv1.weight'] = full['cell1.steps.0.conv1.weight'].clone()
+    other.load_state_dict(full)
+    assert torch.equal(other.cell1.steps[2].conv1.weight, shared.cell1.steps[0].conv1.weight)

@@ -4,7 +4,7 @@ from ._deprecated import alias
 from .cli.convert import main
 
 __all__ = ['main']
-__getattr__ = alias(__name__, {})
+__getattr__ = alias(__name__, ['timm_rc.convert_weights'])
 
 if __name__ == '__main__':
     from .cli.common import run

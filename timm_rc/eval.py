@@ -4,7 +4,7 @@ from ._deprecated import alias
 from .cli.eval import main
 
 __all__ = ['main']
-__getattr__ = alias(__name__, {**dict.fromkeys(('EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'model_mean_std', 'PRECISIONS'), 'timm_rc.evaluation'), **dict.fromkeys(('load_model',), 'timm_rc.loading'), **dict.fromkeys(('load_split', 'split_loader'), 'timm_rc.data')})
+__getattr__ = alias(__name__, ['timm_rc.evaluation', 'timm_rc.loading', 'timm_rc.data', 'timm_rc.runs', 'timm_rc.cli.eval'])
 
 if __name__ == '__main__':
     from .cli.common import run

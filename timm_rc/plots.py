@@ -4,7 +4,7 @@ from ._deprecated import alias
 from .cli.plots import main
 
 __all__ = ['main']
-__getattr__ = alias(__name__, {**dict.fromkeys(('bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label'), 'timm_rc.figures')})
+__getattr__ = alias(__name__, ['timm_rc.figures'])
 
 if __name__ == '__main__':
     from .cli.common import run

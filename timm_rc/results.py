@@ -4,7 +4,7 @@ from ._deprecated import alias
 from .cli.results import main
 
 __all__ = ['main']
-__getattr__ = alias(__name__, {**dict.fromkeys(('PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table'), 'timm_rc.tables')})
+__getattr__ = alias(__name__, ['timm_rc.tables'])
 
 if __name__ == '__main__':
     from .cli.common import run

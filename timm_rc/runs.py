@@ -305,3 +305,23 @@ def load_run_config(argv) -> TrainConfig:
         return cfg
     saved = {k: v for k, v in run.config().items() if k not in ('resume', 'output_dir')}
     return load_config(argv, base=saved, base_source=str(run.path / Run.CONFIG))
+
+
+# timm_rc 0.2.0's helpers of `timm_rc.eval`, reached from there with a DeprecationWarning until 0.4.0
+WEIGHTS = Run.WEIGHTS
+
+
+def find_run(path: Union[str, Path]) -> Optional[Path]:
+    """ The run folder that `path` is or lies in (`Run.find(path).path`), or None. """
+    run = Run.find(path)
+    return None if run is None else run.path
+
+
+def read_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """ A run's run_config.json with its summary.json under 'summary' (`Run.config`, `Run.summary`). """
+    run = Run(run_dir)
+    out = dict(run.config())
+    summary = run.summary()
+    if summary is not None:
+        out['summary'] = summary
+    return out

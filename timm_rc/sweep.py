@@ -4,7 +4,7 @@ from ._deprecated import alias
 from .cli.sweep import main
 
 __all__ = ['main']
-__getattr__ = alias(__name__, {**dict.fromkeys(('DEFAULT_COMMAND', 'SweepError', 'Run', 'Overview', 'load_sweep', 'grid', 'command_args', 'expand_command', 'trainer_argv', 'run_state', 'plan', 'run_sweep', 'LOG_HEADER'), 'timm_rc.sweep_runner')})
+__getattr__ = alias(__name__, ['timm_rc.sweep_runner'])
 
 if __name__ == '__main__':
     from .cli.common import run

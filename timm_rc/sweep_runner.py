@@ -325,6 +325,11 @@ def plan(sweep: Mapping[str, Any], name: str, environ: Optional[Mapping[str, str
             if run.state == 'complete':
                 run.refresh_metrics()
         runs.append(run)
+    if program and not Path(program).exists() and shutil.which(program) is None and \
+            any(program in r.command for r in runs):
+        raise SweepError(f'the sweep\'s program {program} does not exist from here ({Path.cwd()}); run the sweep from the '
+                         f'folder its paths are relative to (the repository root for train_configs/sweeps/*.yaml), as '
+                         f'wandb agent would be')
     return runs
 
 

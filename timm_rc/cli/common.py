@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..errors import UserError
 from ..formatting import format_table
 
-__all__ = ['ArgumentParser', 'command', 'run', 'fail', 'json_object', 'int_list', 'positive', 'format_table']
+__all__ = ['ArgumentParser', 'command', 'run', 'fail', 'add_threads_option', 'set_threads', 'json_object', 'int_list', 'positive', 'format_table']
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,6 +26,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f'{message} (see {self.prog} --help)')
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--num_threads', type=int, default=None,
+                        help='CPU threads (default: torch\'s, every core); on a busy machine give this command its share')
+
+
+def set_threads(num_threads: Optional[int]) -> None:
+    """ --num_threads: torch's CPU threads for this command (timings depend on it). """
+    if num_threads is not None:
+        positive(num_threads=num_threads)
+        import torch
+        torch.set_num_threads(num_threads)
 
 
 def fail(message: str, code: int = 2):

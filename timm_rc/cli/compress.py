@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..compression import int8_run, quantize_run, report_models
 from ..errors import UserError
 from ..quantize import BITS, DEFAULT_GROUP_SIZE
-from .common import ArgumentParser, command, format_table, int_list, json_object, positive, run
+from .common import ArgumentParser, add_threads_option, command, set_threads, format_table, int_list, json_object, positive, run
 
 __all__ = ['main', 'report_table']
 
@@ -40,6 +40,7 @@ def _parser() -> ArgumentParser:
         q.add_argument('--data_dir', help='local folder in the hub\'s parquet schema; default: the run\'s')
         q.add_argument('--max_samples', type=int, help='evaluate on the first N test examples (default: all)')
         q.add_argument('--json', action='store_true', help='print JSON instead of a table')
+        add_threads_option(q)
 
     r = sub.add_parser('report', help='params, bytes, FLOPs, activation memory, latency, test error per model')
     r.add_argument('models', nargs='+', metavar='MODEL_OR_RUN', help='run folders, or registered names (e.g. rc4_cifar)')
@@ -136,6 +137,7 @@ def main(argv: Sequence[str]):
     if args.command is None:
         raise UserError('give a command: report, quantize or int8 (see python -m timm_rc.compress --help)')
     positive(max_samples=args.max_samples, batch_size=getattr(args, 'batch_size', None))
+    set_threads(args.num_threads)
     if getattr(args, 'markdown', False) and args.json:
         raise UserError('--json and --markdown both given; choose one output')
     data = dict(dataset=args.dataset, data_dir=args.data_dir, max_samples=args.max_samples)

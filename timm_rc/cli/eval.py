@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
 from ..figures import plot_steps
-from .common import ArgumentParser, command, int_list, json_object, run
+from .common import ArgumentParser, add_threads_option, command, set_threads, int_list, json_object, run
 
 __all__ = ['main']
 
@@ -46,6 +46,7 @@ def _parser() -> ArgumentParser:
     p.add_argument('--device', help='cpu, cuda, cuda:N; default: cuda if available')
     p.add_argument('--mixed_precision', choices=tuple(PRECISIONS),
                    help='autocast dtype; default: the run\'s, else no')
+    add_threads_option(p)
     p.add_argument('--json', action='store_true', help='print one JSON object (with top1_error) instead of a table')
     p.add_argument('--steps', help="comma list of unrolled steps k' per cell to run each RC network with, e.g. "
                                    "1,2,3,4,6,8: test error and FLOPs per image for each")
@@ -108,6 +109,7 @@ def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     import datasets
     datasets.disable_progress_bars()
     args = _parser().parse_args(argv)
+    set_threads(args.num_threads)
     options = dict(model=args.model, model_kwargs=json_object(args.model_kwargs), dataset=args.dataset,
                    data_dir=args.data_dir, split=args.split, batch_size=args.batch_size, max_samples=args.max_samples,
                    device=args.device, mixed_precision=args.mixed_precision)

@@ -334,9 +334,25 @@ def _drop_aliases(module: Unrolled, state_dict, prefix: str, local_metadata) -> 
 
 def _fill_aliases(module: Unrolled, state_dict, prefix: str, local_metadata, strict, missing_keys,
                   unexpected_keys, error_msgs) -> None:
+    # a weights file lists each shared tensor once (under its first step); one that holds other values for a
+    # later step's copy is a network with unshared weights, whose tensors would overwrite one another here
+    differing = []
     for alias, source in module.aliases().items():
-        if prefix + alias not in state_dict and prefix + source in state_dict:
-            state_dict[prefix + alias] = state_dict[prefix + source]
+        if prefix + alias not in state_dict:
+            if prefix + source in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + source]
+        elif prefix + source in state_dict and not _same_tensor(state_dict[prefix + alias], state_dict[prefix + source]):
+            differing.append(prefix + alias)
+    if differing:
+        error_msgs.append(
+            f'{len(differing)} tensor(s) such as {differing[0]} hold other values than the weights that '
+            f'{prefix.rstrip(".") or "the cell"} shares across its steps (under {prefix}steps.0): these weights are of a network '
+            f'with unshared weights (e.g. rc4_unshared_cifar); load them into that network, or convert them with '
+            f'timm_rc.convert_to_rc / python -m timm_rc.convert')
+
+
+def _same_tensor(a, b) -> bool:
+    return a.shape == b.shape and (a is b or torch.equal(a.detach().cpu(), b.detach().cpu()))
 
 
 def _check_shape(x, y, step: int) -> None:

@@ -55,7 +55,12 @@ def config_for_bits(bits: int, group_size: int = DEFAULT_GROUP_SIZE):
 
 
 def _as_config(config, group_size: int = DEFAULT_GROUP_SIZE):
-    return config_for_bits(config, group_size) if isinstance(config, int) else config
+    if isinstance(config, int) and not isinstance(config, bool):
+        return config_for_bits(config, group_size)
+    if not all(callable(getattr(config, f, None)) for f in ('encode', 'decode', 'metadata')):
+        raise UserError(f'{config!r} is not a quantization config; use one of '
+                        f'{", ".join(f"{c.__name__}()" for c in SCHEMES.values())} (or 8 / 4)')
+    return config
 
 
 def scheme_from_metadata(metadata: Dict[str, str]):

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._deprecated import alias
 from ..checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
     save_checkpoint
 from ..config import INIT_KWARGS, TrainConfig, paper_epochs
@@ -733,3 +734,7 @@ def _log_model_artifact(run, out: Path, summary: Dict[str, Any]) -> None:
     for file in ('model.safetensors', 'config.json'):
         artifact.add_file(str(out / file))
     run.log_artifact(artifact, aliases=['latest', f'epoch{summary.get("epochs_completed", 0)}'])
+
+
+# `timm_rc.train.loop.main` of timm_rc 0.2.0: the command line is timm_rc.cli.train now
+__getattr__ = alias(__name__, {'main': 'timm_rc.cli.train'})
