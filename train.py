@@ -6,7 +6,13 @@
 The command line lives in `timm_rc.cli.train` (also installed as `timm-rc-train`), the loop in
 `timm_rc.train`.
 """
-from timm_rc.cli.train import main, run
+import sys
+
+try:  # torch takes seconds to import: Ctrl-C (or a sweep runner stopping its runs) may come meanwhile
+    from timm_rc.cli.train import main, run
+except KeyboardInterrupt:
+    print('\ninterrupted while starting; nothing was started.', file=sys.stderr)
+    raise SystemExit(130)
 
 if __name__ == '__main__':
     run()

@@ -1,8 +1,10 @@
 """ Training: config, data, the loop, checkpoints and resume, multi-process, logging. CPU only. """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -728,6 +730,39 @@ def test_wandb_online_without_a_key_is_one_line_and_keeps_the_run(tiny_data, tmp
         'error: WANDB_MODE=online but no W&B API key is configured: run `wandb login` (or set WANDB_API_KEY), '
         'or unset WANDB_MODE to log offline')
     assert sorted(p.relative_to(out) for p in out.rglob('*')) == files
+
+
+def test_a_tracker_that_cannot_start_leaves_the_run_folder_as_it_was(tiny_data, tmp_path, capsys, monkeypatch):
+    """ W&B failing to start (no network) once left its wandb/ folder in a run folder said to be untouched
+    (issue 17, item 11). """
+    import accelerate
+    out = tmp_path / 'run'
+    base = ['--data_dir', str(tiny_data), '--output_dir', str(out), *TINY]
+    run(base + ['--epochs', '1'])
+    files = sorted(p.relative_to(out) for p in out.rglob('*'))
+
+    def fail(self, project, config=None, init_kwargs=None):
+        (Path(init_kwargs['wandb']['dir']) / 'wandb' / 'run-x').mkdir(parents=True)  # as wandb.init does first
+        raise ConnectionError('network is unreachable')
+    monkeypatch.setattr(accelerate.Accelerator, 'init_trackers', fail)
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    code, err = run_main(base + ['--epochs', '2', '--resume', '--log_with', 'wandb'], capsys)
+    assert code == 2 and 'wandb could not start (ConnectionError: network is unreachable)' in err
+    assert 'The run folder is untouched' in err
+    assert sorted(p.relative_to(out) for p in out.rglob('*')) == files
+
+
+def test_ctrl_c_while_the_trainer_imports_is_one_line(tmp_path):
+    """ A sweep runner stopping its runs (SIGINT to the process group) may hit a run still importing torch: one
+    line and exit code 130, no traceback in its log (issue 17, item 11). """
+    p = subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--help'], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    time.sleep(0.5)  # python is up, torch is not imported yet
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert 'Traceback' not in err, err[-2000:]
+    assert (p.returncode, err.strip()) in ((130, 'interrupted while starting; nothing was started.'), (-2, '')), (
+        p.returncode, err[-500:])
 
 
 def test_wandb_offline_run_summary_and_model_artifact(tiny_data, tmp_path):

@@ -502,11 +502,16 @@ def _start_trackers(s: _Setup, wandb_mode: Optional[str]) -> None:
     cfg, accelerator = s.cfg, s.accelerator
     tracker_config = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
                       for k, v in s.run_config.items()}
+    wandb_dir = s.run.path / 'wandb'
+    had_wandb_dir = wandb_dir.exists()
     try:
         accelerator.init_trackers(cfg.project, config=tracker_config, init_kwargs={
             'wandb': {'name': cfg.run_name or str(s.run.path).removeprefix('runs/'), 'dir': str(s.run.path),
                       **({'mode': wandb_mode} if wandb_mode else {})}})
     except Exception as e:  # W&B: no network, a rejected key, a server error; nothing trained or lost yet
+        if not had_wandb_dir and accelerator.is_main_process:  # what the failed start left behind
+            import shutil
+            shutil.rmtree(wandb_dir, ignore_errors=True)
         raise UserError(f'{", ".join(s.trackers)} could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
                         f'log offline with WANDB_MODE=offline (upload later with `wandb sync`), or use --log_with '
                         f'tensorboard or none. The run folder is untouched') from None
