@@ -9,7 +9,7 @@ The command line lives in `timm_rc.cli.train` (also installed as `timm-rc-train`
 import sys
 
 try:  # torch takes seconds to import: Ctrl-C (or a sweep runner stopping its runs) may come meanwhile
-    from timm_rc.cli.train import main, run
+    from timm_rc.cli.train import main, run  # noqa: F401  (main: for `from train import main`)
 except KeyboardInterrupt:
     print('\ninterrupted while starting; nothing was started.', file=sys.stderr)
     raise SystemExit(130)

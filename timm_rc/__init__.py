@@ -16,7 +16,7 @@ from .models import PreActBasicBlock, RCNet
 from .conversion import RCConversion, convert_to_rc, find_runs
 from .errors import UserError
 from .evaluation import flops_per_image
-from . import compression, data, evaluation, loading, quantize, runs  # noqa: F401  timm_rc.quantize.static_int8 etc.
+from . import compression, data, evaluation, loading, quantize, runs  # noqa: F401  (timm_rc.quantize.static_int8, ...)
 
 __all__ = ['BN_POLICIES', 'BN_SHARING', 'InvertibleDownsample', 'Unrolled', 'step_map', 'unroll', 'PreActBasicBlock',
            'RCNet', 'RCConversion', 'convert_to_rc', 'find_runs', 'flops_per_image', 'UserError', '__version__']

@@ -47,7 +47,6 @@ def main(argv: Sequence[str]) -> RCConversion:
     report, model, out, run_kwargs, untrained = (converted.report, converted.model, converted.output,
                                                  converted.model_kwargs, converted.untrained)
     if args.json:
-        import dataclasses
         print(json.dumps(dict(dataclasses.asdict(report), output=str(out))))
     else:
         arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', '')

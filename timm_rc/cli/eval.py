@@ -21,7 +21,7 @@ A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_r
 measures with `timm_rc.evaluation.evaluate`, the trainer's own evaluation).
 """
 import json
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
@@ -69,7 +69,7 @@ def _table(r: Dict[str, Any]) -> str:
     if 'run_test_top1_error' in r:
         same = 'the same' if r['run_test_top1_error'] == r['top1_error'] else 'differs'
         if r.get('quantized'):  # the summary is the fp32 model's
-            same = f'of the fp32 model; this file\'s weights are quantized, so a difference is expected'
+            same = 'of the fp32 model; this file\'s weights are quantized, so a difference is expected'
         rows.append(('run summary', f'top-1 error {r["run_test_top1_error"]:.2f}% ({same})'))
     lines += [f'  {k:<13}{v}' for k, v in rows]
     names = r['class_names'] or [str(i) for i in range(len(r['per_class_accuracy']))]
