@@ -25,11 +25,12 @@ __all__ = ['TrainConfig', 'UserError', 'INIT_KWARGS', 'load_config', 'paper_epoc
 
 # model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
 # left out of a run's config.json and of what identifies its network
-INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir', 'init')
 
 
-MODEL, DATA, OPTIMISATION, SPEED, OUTPUT = (
-    'model', 'data', "optimisation (defaults: the paper's protocol, Appendix B)", 'speed', 'output, logging, checkpoints')
+MODEL, DATA, OPTIMISATION, DISTILL, SPEED, OUTPUT = (
+    'model', 'data', "optimisation (defaults: the paper's protocol, Appendix B)", 'distillation (off without a teacher)',
+    'speed', 'output, logging, checkpoints')
 
 
 def _key(group: str, default: Any = None, help: str = '', factory=None):
@@ -72,6 +73,14 @@ class TrainConfig:
     label_smoothing: float = _key(OPTIMISATION, 0.0, 'cross-entropy label smoothing')
     max_steps: Optional[int] = _key(OPTIMISATION, None, 'stop after N optimizer steps')
     seed: int = _key(OPTIMISATION, 0, 'initial weights, shuffling and augmentation')
+
+    teacher: Optional[str] = _key(
+        DISTILL, None, "distil from it: a run folder, a weights file (with teacher_model), or a timm name (its "
+                       "pretrained weights)")
+    teacher_model: Optional[str] = _key(DISTILL, None, 'timm name of a teacher weights file outside a run folder')
+    teacher_model_kwargs: Dict[str, Any] = _key(DISTILL, factory=dict, help="the teacher's timm.create_model kwargs")
+    distill_alpha: float = _key(DISTILL, 0.9, 'weight of the distillation term; the label loss gets 1 - alpha')
+    distill_temperature: float = _key(DISTILL, 4.0, 'softmax temperature of the distillation term (x T^2)')
 
     mixed_precision: str = _key(SPEED, 'auto', "'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16', 'fp16'")
     compile: bool = _key(SPEED, False, 'torch.compile the model')
@@ -126,6 +135,8 @@ RANGES = {
     'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'seed': (lambda v: 0 <= v < 2 ** 32, 'in [0, 2**32)'),
     'num_workers': (lambda v: v >= 0, '>= 0'),
+    'distill_alpha': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'distill_temperature': (lambda v: v > 0, '> 0'),
 }
 
 
@@ -256,6 +267,9 @@ def _validate(cfg: TrainConfig) -> None:
                 extra = ', or null to turn clipping off' if key == 'clip_grad_value' else ''
                 extra += '' if math.isfinite(v) else ' and finite'
                 raise UserError(f'config key {key!r} must be {allowed}{extra}, got {value}')
+    if cfg.teacher is None and (cfg.teacher_model is not None or cfg.teacher_model_kwargs):
+        raise UserError('teacher_model and teacher_model_kwargs describe the teacher; give the teacher itself with '
+                        '--teacher (a run folder, a weights file or a timm name)')
     if cfg.sample_steps is not None and (len(cfg.sample_steps) != 2 or not 1 <= cfg.sample_steps[0] <= cfg.sample_steps[1]):
         raise UserError(f'config key \'sample_steps\' takes [min, max] with 1 <= min <= max (e.g. 1,8), or null; '
                         f'got {cfg.sample_steps}')

@@ -5,7 +5,9 @@ parameters, shape-preserving (measured: one forward pass of a zero image records
 output shapes) and structurally identical (same type, same parameter and buffer names and shapes, same
 layer hyper-parameters: the modules' reprs, stochastic-depth rates aside) becomes one `Unrolled` cell:
 
-* its shared weights are those of the run's first block;
+* its shared weights are those of the run's first block (`init='first'`), or the mean of the run's blocks,
+  tensor by tensor (`init='average'`, as Bae et al. 2025 found best for tied transformer layers; measured
+  for the RC networks in docs/compression.md);
 * step i keeps a copy of block i's BN layers (`bn_sharing="independent"`), so a trained network converts
   with its own per-block statistics; "shared" keeps the first block's BN for every step, "none" drops them;
 * `steps` (an int for every run, or one per run) unrolls a run more or fewer times than it had blocks; the
@@ -31,9 +33,13 @@ from torch import nn
 
 from timm.layers import DropPath
 
-from .layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, Unrolled, is_norm, step_map, unroll
+from .layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, LowRankCorrected, Unrolled, correctable, is_norm, step_map, \
+    unroll
 
-__all__ = ['convert_to_rc', 'RCConversion', 'SharedRun', 'find_runs']
+__all__ = ['convert_to_rc', 'RCConversion', 'SharedRun', 'find_runs', 'INITS']
+
+# how the shared weights of a cell come from the blocks it replaces
+INITS = ('first', 'average')
 
 
 @dataclass
@@ -58,6 +64,8 @@ class RCConversion:
     params_before: int = 0
     params_after: int = 0
     bn_sharing: str = 'independent'
+    init: str = 'first'
+    rank: int = 0  # per-step low-rank corrections (0: strict sharing)
 
     @property
     def compression(self) -> float:
@@ -67,7 +75,8 @@ class RCConversion:
         if not self.runs:
             return f'convert_to_rc: nothing to share ({self.params_before:,} params)'
         runs = f'{len(self.runs)} run{"s" * (len(self.runs) != 1)}'
-        lines = [f'convert_to_rc (bn_sharing={self.bn_sharing!r}): {runs} of identical blocks shared, '
+        rank = f', rank={self.rank}' if self.rank else ''
+        lines = [f'convert_to_rc (bn_sharing={self.bn_sharing!r}, init={self.init!r}{rank}): {runs} of identical blocks shared, '
                  f'{self.params_before:,} -> {self.params_after:,} params ({self.compression:.2f}x fewer)']
         width = max(len(r.container or '(top)') for r in self.runs)
         spans = [f'{r.blocks[0]}..{r.blocks[-1]}' if len(r.blocks) > 1 else r.blocks[0] for r in self.runs]
@@ -212,6 +221,8 @@ def convert_to_rc(
         steps: Optional[Union[int, Sequence[int]]] = None,
         bn_policy: str = DEFAULT_BN_POLICY,
         input_size: Optional[Sequence[int]] = None,
+        init: str = 'first',
+        rank: Optional[int] = None,
 ) -> RCConversion:
     """ Turn `model` into an RC network, in place (see the module docstring); returns what was shared.
 
@@ -224,21 +235,32 @@ def convert_to_rc(
             per run in the order `find_runs` lists them.
         bn_policy: with a run unrolled to another number of steps, which block's BN serves each step
             ('spread' or 'first', see `timm_rc.step_map`).
+        init: the shared weights: 'first' (the run's first block's) or 'average' (each tensor the mean of that
+            tensor over the run's blocks). The BN layers of step i stay those of block i either way.
+        rank: r > 0 (relaxed sharing, `timm_rc.unroll`'s rank): step i's convolutions and linear layers get a
+            rank-r correction initialised from the truncated SVD of (block i's weight - the shared weight), so
+            that at full rank the network computes what it computed before (biases stay shared).
     """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f'rank must be an int >= 0 (0 or None: strict sharing), got {rank!r}')
     if bn_sharing not in BN_SHARING:
         raise ValueError(f'unknown bn_sharing {bn_sharing!r}; valid values: {", ".join(map(repr, BN_SHARING))}')
+    if init not in INITS:
+        raise ValueError(f'unknown init {init!r}; valid values: {", ".join(map(repr, INITS))}')
     before = _params(model)
     cells = [(name, m) for name, m in model.named_modules()
              if isinstance(m, Unrolled) and not m.share_weights and m.bn_groups == 1]
     runs = find_runs(model, input_size)
     per_run = _steps_per_run(steps, len(cells) + len(runs))
-    report = RCConversion(params_before=before, bn_sharing=bn_sharing)
+    report = RCConversion(params_before=before, bn_sharing=bn_sharing, init=init, rank=rank or 0)
     for (name, cell), k in zip(cells, per_run[:len(cells)]):
-        report.runs.append(_share_cell(model, name, cell, bn_sharing, k))
+        report.runs.append(_share_cell(model, name, cell, bn_sharing, k, init, rank))
     per_run = per_run[len(cells):]
     if cells and hasattr(model, 'share_weights'):
         model.share_weights = True  # RCNet: the network can now run more steps (set_steps)
         model.bn_sharing = bn_sharing
+        if hasattr(model, 'rank'):
+            model.rank = rank or 0
         if callable(getattr(model, 'set_steps', None)):
             model.set_steps(model.steps)
     if not runs and not cells:
@@ -251,7 +273,7 @@ def convert_to_rc(
         n = len(blocks)
         k = n if k is None else k
         params_before = sum(_params(b) for b in blocks)
-        cell = _unroll_blocks(blocks, k, bn_sharing, bn_policy)
+        cell = _unroll_blocks(blocks, k, bn_sharing, bn_policy, init=init, rank=rank)
         new = OrderedDict()
         for child_name, child in seq._modules.items():
             if child_name == child_names[0]:
@@ -265,15 +287,49 @@ def convert_to_rc(
     return report
 
 
+def _shared_tensors(block: nn.Module) -> Dict[str, torch.Tensor]:
+    """ The block's parameters and persistent buffers outside its norm layers (what a cell shares), by name. """
+    out = {}
+    for mod_name, m in block.named_modules():
+        if _is_bn(m) or any(_is_bn(parent) for parent in _parents(block, mod_name)):
+            continue
+        for t_name, t in list(m._parameters.items()) + [(n, b) for n, b in m._buffers.items()
+                                                          if n not in m._non_persistent_buffers_set]:
+            if t is not None:
+                out[f'{mod_name}.{t_name}' if mod_name else t_name] = t
+    return out
+
+
+def _parents(block: nn.Module, name: str) -> List[nn.Module]:
+    parts = name.split('.') if name else []
+    return [block.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts))]
+
+
 def _unroll_blocks(blocks: List[nn.Module], k: int, bn_sharing: str, bn_policy: str = DEFAULT_BN_POLICY,
-                   before_step: Optional[Dict[int, nn.Module]] = None) -> Unrolled:
-    """ One cell of `k` steps sharing the first block's weights; with 'independent' BN, step j keeps a copy of
-    the BN layers (and the drop-path rate) of the block `step_map(k, len(blocks), bn_policy)` names. """
+                   before_step: Optional[Dict[int, nn.Module]] = None, init: str = 'first',
+                   rank: Optional[int] = None) -> Unrolled:
+    """ One cell of `k` steps sharing the first block's weights (or their mean over the blocks, `init`); with
+    'independent' BN, step j keeps a copy of the BN layers (and the drop-path rate) of the block
+    `step_map(k, len(blocks), bn_policy)` names. """
     sources = step_map(k, len(blocks), bn_policy)
+    # each block's own weights of the layers that get corrections, before the shared ones are chosen
+    originals = [{name: m.weight.detach().clone() for name, m in b.named_modules() if correctable(m)}
+                 for b in blocks] if rank else None
+    if init == 'average':
+        per_block = [_shared_tensors(b) for b in blocks]
+        with torch.no_grad():
+            for name, t in per_block[0].items():
+                if t.is_floating_point():
+                    t.copy_(torch.stack([tensors[name] for tensors in per_block]).mean(0))
     bn_states = [[m.state_dict() for m in b.modules() if _is_bn(m)] for b in blocks]
     rates = _drop_rates(blocks)
     cell = unroll(blocks[0], k, bn_sharing=bn_sharing, before_step=before_step,
-                  drop_path=[rates[i] for i in sources] if rates is not None else None)
+                  drop_path=[rates[i] for i in sources] if rates is not None else None, rank=rank)
+    if rank:
+        for step, source in zip(cell.steps, sources):
+            for name, m in step.named_modules():
+                if isinstance(m, LowRankCorrected) and name in originals[source]:
+                    m.set_delta(originals[source][name] - m.base.weight)
     if bn_sharing == 'independent':
         for step, source in zip(cell.steps, sources):
             for bn, state in zip([m for m in step.modules() if _is_bn(m)], bn_states[source]):
@@ -281,7 +337,8 @@ def _unroll_blocks(blocks: List[nn.Module], k: int, bn_sharing: str, bn_policy: 
     return cell
 
 
-def _share_cell(model: nn.Module, name: str, cell: Unrolled, bn_sharing: str, k: Optional[int]) -> SharedRun:
+def _share_cell(model: nn.Module, name: str, cell: Unrolled, bn_sharing: str, k: Optional[int],
+                init: str = 'first', rank: Optional[int] = None) -> SharedRun:
     """ An `Unrolled` cell with unshared weights (RCNet's ResNet-10/18 graphs) -> a weight-shared one: step 0's
     weights for every step, each step keeping its own BN layers. """
     n = cell.num_steps
@@ -291,7 +348,7 @@ def _share_cell(model: nn.Module, name: str, cell: Unrolled, bn_sharing: str, k:
     blocks = list(cell.steps)
     params_before = _params(cell)
     before_step = {i: m for i, m in enumerate(cell.before_step) if not isinstance(m, nn.Identity)}
-    new = _unroll_blocks(blocks, n, bn_sharing, before_step=before_step)
+    new = _unroll_blocks(blocks, n, bn_sharing, before_step=before_step, init=init, rank=rank)
     parent_name, _, attr = name.rpartition('.')
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return SharedRun(container=name, blocks=[f'steps.{i}' for i in range(n)], block_type=type(blocks[0]).__name__,

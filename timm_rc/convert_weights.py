@@ -1,7 +1,8 @@
 """ Convert a saved network (a run folder, a weights file, or a timm model) to RC and write its weights.
 
 `convert_weights` is what `python -m timm_rc.convert` does: load the source (`timm_rc.loading`),
-`convert_to_rc` it in place, and write the converted state_dict as safetensors (each shared tensor once)
+`convert_to_rc` it in place (`init`, `rank`), re-estimate its BN statistics if asked (`recalibrate` N training
+batches, `timm_rc.recalibrate_bn`), and write the converted state_dict as safetensors (each shared tensor once)
 outside the source's run folder, whose files stay as the run wrote them.
 """
 import warnings
@@ -12,8 +13,9 @@ from typing import Any, Dict, List, Optional, Union
 from torch import nn
 
 from .config import INIT_KWARGS
-from .conversion import RCConversion, convert_to_rc
+from .conversion import INITS, RCConversion, convert_to_rc
 from .errors import UserError
+from .evaluation import recalibrator, test_error_fn
 from .layers import BN_SHARING
 from .loading import load_model
 from .runs import Run
@@ -28,13 +30,21 @@ class ConvertedWeights:
     output: Path  # the weights file written
     model_kwargs: Dict[str, Any]  # the source's architecture kwargs (a run's, the given ones on top)
     untrained: bool  # a timm name built with random weights
+    # a run folder's test error (its own test examples): 'original', 'converted', 'recalibrated' (with recalibrate)
+    test_errors: Optional[Dict[str, float]] = None
+    test_examples: Optional[int] = None
+    recalibration: Optional[Dict[str, Any]] = None  # batches, batch_size, augmented
 
 
 def convert_weights(source: str, output: Union[str, Path], *, model: Optional[str] = None,
                     model_kwargs: Optional[Dict[str, Any]] = None, bn_sharing: str = 'independent',
-                    steps: Optional[Union[int, List[int]]] = None) -> ConvertedWeights:
+                    steps: Optional[Union[int, List[int]]] = None, init: str = 'first', rank: Optional[int] = None,
+                    recalibrate: Optional[int] = None, recalibrate_augment: bool = False,
+                    measure: bool = True) -> ConvertedWeights:
     """ Convert `source` (a run folder, a weights file with `model`, or a timm name) with `convert_to_rc`
-    and write the result to `output` (.safetensors, never the source nor inside its run folder). """
+    and write the result to `output` (.safetensors, never the source nor inside its run folder). A run folder's
+    network is measured on the run's own test examples before and after (`measure`). `recalibrate` N re-estimates
+    every BN layer's statistics from N training batches of the run's dataset (batch: the run's). """
     out = Path(output)
     if out.suffix != '.safetensors':
         raise UserError(f'--output must be a .safetensors file, got {output}')
@@ -49,25 +59,51 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
                         f'model name')
     if bn_sharing not in BN_SHARING:
         raise UserError(f'--bn_sharing must be one of {", ".join(BN_SHARING)}; got {bn_sharing!r}')
+    if init not in INITS:
+        raise UserError(f'--init must be one of {", ".join(INITS)}; got {init!r}')
+    if rank is not None and rank < 0:
+        raise UserError(f'--rank must be >= 0 (0: strict sharing), got {rank}')
+    if recalibrate is not None and recalibrate < 1:
+        raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate}')
     kwargs = dict(model_kwargs or {})
     run_kwargs = dict(kwargs)
-    if path.exists() and model is None:
-        run = Run.find(path)
-        if run is not None:
-            run_kwargs = {**run.model_kwargs(), **run_kwargs}
+    run = Run.find(path) if path.exists() else None
+    if run is not None and model is None:
+        run_kwargs = {**run.model_kwargs(), **run_kwargs}
+    if recalibrate is not None and run is None:
+        raise UserError(f'--recalibrate reads the training data of the source\'s run; {source} is not a run folder '
+                        f'(or a file in one)')
     untrained = not path.exists() and not kwargs.get('pretrained')
     net = load_model(path, model, kwargs) if path.exists() else load_model(None, model or source, kwargs)
+    errors = examples = error = None
+    if run is not None and measure:
+        error, examples = test_error_fn(run, net)
+        errors = {'original': error(net)}
+    recal = None
+    if recalibrate is not None:
+        dataset, data_dir = run.data()
+        batch = run.config().get('batch_size') or 128
+        recal = recalibrator(net, dataset, data_dir, recalibrate, batch, recalibrate_augment)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # nothing to share: said below as an error
-            report = convert_to_rc(net, bn_sharing=bn_sharing, steps=steps)
+            report = convert_to_rc(net, bn_sharing=bn_sharing, steps=steps, init=init, rank=rank)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not report.runs:
         raise UserError(f'{source}: nothing to share ({report.params_before:,} params): no run of two or more '
                         f'identical shape-preserving blocks in an nn.Sequential, and no unshared unrolled cell; '
                         f'nothing written')
+    if errors is not None:
+        errors['converted'] = error(net)
+    recalibration = None
+    if recal is not None:
+        recal(net)
+        recalibration = dict(batches=recalibrate, batch_size=batch, augmented=recalibrate_augment)
+        if errors is not None:
+            errors['recalibrated'] = error(net)
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
-    return ConvertedWeights(report, net, out, {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}, untrained)
+    return ConvertedWeights(report, net, out, {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}, untrained,
+                            errors, examples, recalibration)

@@ -23,10 +23,11 @@ from .errors import UserError
 from .layers import BN_POLICIES
 from .loading import load_model, source_identity
 from .quantize import is_quantized
+from .recalibration import DEFAULT_RECALIBRATION_BATCH, recalibrate_from_split
 from .runs import Run
 
 __all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'model_mean_std', 'evaluate_source',
-           'test_error_fn', 'run_dataset', 'resolve_device', 'PRECISIONS']
+           'test_error_fn', 'run_dataset', 'resolve_device', 'PRECISIONS', 'recalibrator']
 
 PRECISIONS = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -164,12 +165,15 @@ def evaluate_over_steps(
         *,
         bn_policy: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
+        prepare: Optional[Callable[[nn.Module], Any]] = None,
         **evaluate_kwargs,
 ) -> List[Dict[str, Any]]:
     """ Cost-adjustable inference: `evaluate` the model run at each k' in `steps` (`model.set_steps(k',
     bn_policy)`, e.g. `RCNet`), one row per k': {steps, top1_error, top5_error, loss, examples,
     flops_per_image}. The model runs its trained steps again afterwards. `evaluate_kwargs` go to
-    `evaluate` (mean, std, device, ...). """
+    `evaluate` (mean, std, device, ...). `prepare(model)` runs after each `set_steps` (e.g. BN re-estimation:
+    the row then also holds `top1_error_before`, the error before it); every buffer it changes is restored
+    before the next k'. """
     if not callable(getattr(model, 'set_steps', None)):
         raise ValueError(f'{type(model).__name__} cannot change its number of steps (it has no set_steps); '
                          f'evaluating over steps needs an RC network such as RCNet')
@@ -178,10 +182,19 @@ def evaluate_over_steps(
         for k in steps:
             model.set_steps(k, bn_policy)
             flops = flops_per_image(model, input_size)
+            before = None
+            if prepare is not None:
+                saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+                before = evaluate(model, loader, **evaluate_kwargs).top1_error
+                prepare(model)
             r = evaluate(model, loader, **evaluate_kwargs)
             rows.append(dict(steps=k, top1_error=r.top1_error, top5_error=r.top5_error,
                              loss=r.loss if math.isfinite(r.loss) else None, examples=r.examples,
-                             flops_per_image=flops))
+                             flops_per_image=flops, **({'top1_error_before': before} if prepare is not None else {})))
+            if prepare is not None:
+                with torch.no_grad():
+                    for name, b in model.named_buffers():
+                        b.copy_(saved[name])
     finally:  # the trained steps: RCNet.steps, Unrolled.num_steps
         model.set_steps(model.steps if isinstance(getattr(model, 'steps', None), int) else model.num_steps)
     return rows
@@ -234,13 +247,17 @@ def evaluate_source(
         mixed_precision: Optional[str] = None,
         steps: Optional[Sequence[int]] = None,
         bn_policy: Optional[str] = None,
+        recalibrate: Optional[int] = None,
+        recalibrate_augment: bool = False,
 ) -> Dict[str, Any]:
     """ What `python -m timm_rc.eval` reports for one source (a run folder, a weights file, a quantized
     file, or None with `model` for an untrained one): `load_model`, then `evaluate` on the run's own test
     examples with the run's batch size, precision and memory format (each overridable), as a dict of
     plain values (`EvalResult.to_dict()` plus what was evaluated, and `run_test_top1_error`, the run
     summary's test error, where the same examples were evaluated). With `steps`, `evaluate_over_steps`
-    instead: the dict holds one row per k' under 'steps'. """
+    instead: the dict holds one row per k' under 'steps'. `recalibrate` N: re-estimate the BN statistics from
+    N training batches (`timm_rc.recalibrate_bn`; per k' with `steps`) before evaluating; the report then
+    holds the error before it too (`top1_error_before`). """
     for key, value in (('batch_size', batch_size), ('max_samples', max_samples)):
         if value is not None and value < 1:
             raise UserError(f'--{key} must be >= 1, got {value}')
@@ -259,6 +276,8 @@ def evaluate_source(
         if not net.share_weights and max(steps) > net.steps:
             raise UserError(f'{source or model} has unshared weights for {net.steps} steps per cell and cannot run '
                             f'{max(steps)}: --steps up to {net.steps}')
+    if recalibrate is not None and (isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 1):
+        raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate!r}')
     if bn_policy is not None and bn_policy not in BN_POLICIES:
         raise UserError(f'--bn_policy must be one of {", ".join(BN_POLICIES)}; got {bn_policy!r}')
 
@@ -288,16 +307,45 @@ def evaluate_source(
         channels_last=channels_last, quantized=source is not None and is_quantized(source))
     common = dict(mean=mean, std=std, channels_last=channels_last, num_classes=num_classes, device=dev,
                   autocast_dtype=PRECISIONS[precision])
+    recal = None
+    if recalibrate is not None:
+        recal_batch = cfg.get('batch_size') or DEFAULT_RECALIBRATION_BATCH
+        recal = recalibrator(net, dataset, data_dir, recalibrate, recal_batch, recalibrate_augment, dev)
+        report['recalibration'] = dict(batches=recalibrate, batch_size=recal_batch, augmented=recalibrate_augment)
     if steps is not None:
-        rows = evaluate_over_steps(net, loader, steps, bn_policy=bn_policy, **common)
+        rows = evaluate_over_steps(net, loader, steps, bn_policy=bn_policy, prepare=recal, **common)
         return dict(report, trained_steps=net.steps, bn_sharing=net.bn_sharing,
                     bn_policy=bn_policy or net.bn_policy, steps=rows)
+    before = None
+    if recal is not None:
+        before = evaluate(net, loader, **common).top1_error
+        recal(net)
     result = evaluate(net, loader, **common)
     report = dict(result.to_dict(), **report, class_names=class_names)
+    if before is not None:
+        report['top1_error_before'] = before
     summary = (run.summary() if run is not None else None) or {}
     if split == 'test' and 'test_top1_error' in summary and summary.get('eval_examples') == result.examples:
         report['run_test_top1_error'] = summary['test_top1_error']  # what the trainer measured, to compare
     return report
+
+
+def recalibrator(model: nn.Module, dataset: str, data_dir: Optional[str], num_batches: int, batch_size: int,
+                 augmented: bool = False, device=None) -> Callable[[nn.Module], int]:
+    """ net -> `recalibrate_bn` of net from the first `num_batches` x `batch_size` training examples of the dataset
+    (shuffled with a fixed seed; `augmented`: the trainer's crop and flip). The training split is read once. """
+    try:
+        split, _, _ = load_split(dataset, data_dir, 'train', num_batches * batch_size, model, 'dataloader')
+    except UserError as e:
+        raise UserError(f'BN re-estimation reads the training split: {e}') from None
+    if len(split) < batch_size:
+        raise UserError(f'BN re-estimation needs a batch of {batch_size} training examples; '
+                        f'{data_dir or dataset} has {len(split)}')
+    mean, std = model_mean_std(model)
+
+    def recal(net: nn.Module) -> int:
+        return recalibrate_from_split(net, split, num_batches, batch_size, mean, std, augmented, device=device)
+    return recal
 
 
 def test_error_fn(run: Optional[Run], model: nn.Module, dataset: Optional[str] = None, data_dir: Optional[str] = None,

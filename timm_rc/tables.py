@@ -55,12 +55,12 @@ PAPER_EPOCHS = {'rc1_cifar': 120, 'rc2_cifar': 120, 'rc2_unshared_cifar': 120, '
                 'rc4_unshared_cifar': 160}
 CIFAR_EXAMPLES = dict(train_examples=50_000, eval_examples=10_000)
 # run_config.json keys that do not change what is trained and measured (or are columns already)
-IGNORED = {'seed', 'data', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
+IGNORED = {'seed', 'data', 'teacher_identity', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
            'project', 'eval_batch_size', 'num_threads', 'data_dir', 'dataset', 'model', 'model_kwargs', 'params',
            # their effect is in the summary's train_examples / eval_examples / global_batch_size
            'max_train_samples', 'max_eval_samples', 'batch_size'}
 SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
-SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from'}
+SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from', 'teacher': 'distilled from'}
 ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
          'momentum', 'weight_decay', 'warmup_epochs', 'clip_grad_value', 'label_smoothing', 'max_steps',
          'mixed_precision']
@@ -166,6 +166,10 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
             setting.update({k: cfg[k] for k in common})
         if isinstance(init, dict) and init.get('file'):
             setting['init'] = Path(init['file']).name
+        if cfg is not None and cfg.get('teacher') is not None:  # distilled: from which network (its weights' digest)
+            ident = cfg.get('teacher_identity') or {}
+            setting['teacher'] = (f'{ident["model"]} {ident["weights_sha256"][:8]}' if ident.get('weights_sha256')
+                                  else str(cfg['teacher']))
         ident = (key, json.dumps(extra, sort_keys=True), dataset)
         sig = ident + (json.dumps(setting, sort_keys=True, default=str),)
         groups[sig].append(r)
@@ -198,9 +202,11 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
         if dataset in ('cifar10', 'cifar100'):
             protocol.update(CIFAR_EXAMPLES)
         shown = {k for k, v in protocol.items() if k in setting and setting[k] != v}
-        shown |= {k for k in ('init', 'sample_steps') if setting.get(k) is not None}
+        shown |= {k for k in ('init', 'sample_steps', 'teacher') if setting.get(k) is not None}
         shown |= varying[sig[:3]] - {'epochs_completed'}
-        shown -= {k for k in ('init', 'sample_steps') if setting.get(k) is None}  # from scratch, fixed steps
+        shown -= {k for k in ('init', 'sample_steps', 'teacher') if setting.get(k) is None}  # from scratch, fixed steps
+        if setting.get('teacher') is None:  # the distillation settings say nothing without a teacher
+            shown -= {'distill_alpha', 'distill_temperature', 'teacher_model', 'teacher_model_kwargs'}
         described = ', '.join(f'{SHORT.get(k, k)} {_fmt(setting.get(k))}' for k in sorted(shown, key=_order))
 
         # one run per seed: the newest of a seed run more than once

@@ -2,6 +2,7 @@
 
     python -m timm_rc.convert runs/cpu_w8/resnet18_postact/seed0 --output runs/converted/rc4_from_resnet18.safetensors
     python -m timm_rc.convert resnet50 --output rc_resnet50.safetensors          # a timm model (its pretrained tag)
+    python -m timm_rc.convert RUN --output rc4.safetensors --init average --rank 2 --recalibrate 50
 
 A thin layer over `timm_rc.convert_weights` (which calls `timm_rc.convert_to_rc`): prints what was shared
 and, for the paper's ResNet-10/18 graphs, the command that fine-tunes the result as RC-2/RC-4.
@@ -14,7 +15,8 @@ from ..config import INIT_KWARGS
 from ..conversion import RCConversion
 from ..convert_weights import convert_weights
 from ..models.rc_timm import RC_FAMILIES as RC_BASES
-from .common import ArgumentParser, command, int_list, json_object, run
+from ..errors import UserError
+from .common import ArgumentParser, add_threads_option, command, int_list, json_object, run, set_threads
 
 __all__ = ['main']
 
@@ -28,6 +30,16 @@ def _parser() -> ArgumentParser:
     p.add_argument('--output', required=True, help='the converted weights, a .safetensors file (never the source)')
     p.add_argument('--bn_sharing', default='independent', help="'independent' (default), 'shared' or 'none'")
     p.add_argument('--steps', help='unrolled steps: one int for every run, or a comma list, one per run')
+    p.add_argument('--init', default='first', help="the shared weights: 'first' (the first block's, default) or "
+                                                   "'average' (each tensor the mean over the blocks)")
+    p.add_argument('--rank', type=int, help='relaxed sharing: per-step rank-r corrections from the SVD of each block\'s '
+                                            'difference to the shared weights (default: none)')
+    p.add_argument('--recalibrate', type=int, metavar='N', help='re-estimate every BN layer\'s statistics from N training '
+                                                                'batches of the run\'s data after the conversion')
+    p.add_argument('--recalibrate_augment', action='store_true',
+                   help='with --recalibrate: the trainer\'s crop and flip on those batches (default: none)')
+    p.add_argument('--no_eval', action='store_true', help='skip measuring a run folder\'s test error before and after')
+    add_threads_option(p)
     p.add_argument('--json', action='store_true', help='print the report as JSON')
     return p
 
@@ -38,19 +50,34 @@ def main(argv: Sequence[str]) -> RCConversion:
     and write its weights (safetensors, each shared tensor once); prints what was shared and how to load or
     fine-tune the result. Bad input: one line, exit code 2. """
     args = _parser().parse_args(argv)
+    set_threads(args.num_threads)
     steps = None
     if args.steps:
         steps = int_list(args.steps, '--steps', '4 or 2,2,4', what='ints (one, or one per run)')
         steps = steps[0] if len(steps) == 1 else steps
+    if args.recalibrate_augment and args.recalibrate is None:
+        raise UserError('--recalibrate_augment applies to BN re-estimation: add --recalibrate N (training batches)')
     converted = convert_weights(args.source, args.output, model=args.model, model_kwargs=json_object(args.model_kwargs),
-                                bn_sharing=args.bn_sharing, steps=steps)
+                                bn_sharing=args.bn_sharing, steps=steps, init=args.init, rank=args.rank,
+                                recalibrate=args.recalibrate, recalibrate_augment=args.recalibrate_augment,
+                                measure=not args.no_eval)
     report, model, out, run_kwargs, untrained = (converted.report, converted.model, converted.output,
                                                  converted.model_kwargs, converted.untrained)
     if args.json:
-        print(json.dumps(dict(dataclasses.asdict(report), output=str(out))))
+        print(json.dumps(dict(dataclasses.asdict(report), output=str(out), test_errors=converted.test_errors,
+                              test_examples=converted.test_examples, recalibration=converted.recalibration)))
     else:
         arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', '')
         print(report)
+        if converted.test_errors is not None:
+            e = converted.test_errors
+            line = (f'test top-1 error on the run\'s {converted.test_examples:,} test examples: {e["original"]:.2f}% '
+                    f'before, {e["converted"]:.2f}% converted')
+            if 'recalibrated' in e:
+                rc = converted.recalibration
+                line += (f', {e["recalibrated"]:.2f}% with BN re-estimated from {rc["batches"]} training batches of '
+                         f'{rc["batch_size"]}{" (augmented)" if rc["augmented"] else ""}')
+            print(line)
         print(f'wrote {out}')
         if untrained:
             print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
@@ -61,6 +88,8 @@ def main(argv: Sequence[str]) -> RCConversion:
                 kw['bn_sharing'] = args.bn_sharing
             if steps is not None:
                 kw['steps'] = steps
+            if args.rank:
+                kw['rank'] = args.rank
             extra = ''.join(f', {k}={v!r}' for k, v in kw.items())
             print(f'load it with timm.create_model(\'rc_{arch.removeprefix("rc_")}\'{extra}, pretrained=True, '
                   f'pretrained_cfg_overlay=dict(file=\'{out}\'))')
@@ -69,6 +98,8 @@ def main(argv: Sequence[str]) -> RCConversion:
             kw = {k: v for k, v in run_kwargs.items() if k not in ('share_weights', 'steps', *INIT_KWARGS)}
             if args.bn_sharing != 'independent':
                 kw['bn_sharing'] = args.bn_sharing
+            if args.rank:
+                kw['rank'] = args.rank
             print(f'its state_dict is that of {shared}: fine-tune it with\n  python train.py --model {shared} --model_kwargs '
                   f'\'{json.dumps({**kw, "pretrained": True, "pretrained_cfg_overlay": {"file": str(out)}})}\' ...')
     return report

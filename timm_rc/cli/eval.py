@@ -10,6 +10,7 @@ holds (same examples, batch size, precision and memory format: the run's own, re
         --data_dir ../shared/data/cifar10
     python -m timm_rc.eval --model rc4_cifar --data_dir ../shared/data/cifar10   # untrained
     python -m timm_rc.eval RUN [RUN ...] --steps 1,2,3,4,6,8 [--plot steps.png]  # cost-adjustable inference
+    python -m timm_rc.eval RUN --steps 2,6,8 --recalibrate 50        # each k' with its BN statistics re-estimated
 
 `--steps`: each RC network runs k' unrolled steps per cell (`RCNet.set_steps`) for every k' listed; the
 command prints the test error and the FLOPs per image of each (one multiply-add counts 2 FLOPs), and
@@ -53,6 +54,11 @@ def _parser() -> ArgumentParser:
     p.add_argument('--bn_policy', help="with --steps: which trained step's BN layers serve each executed step, "
                                        "'spread' or 'first' (default: the model's bn_policy)")
     p.add_argument('--plot', help='with --steps: write a PNG of test error against FLOPs per image, one line per run')
+    p.add_argument('--recalibrate', type=int, metavar='N',
+                   help='re-estimate every BN layer\'s running statistics from N training batches first (per k\' with '
+                        '--steps); the error before it is shown beside')
+    p.add_argument('--recalibrate_augment', action='store_true',
+                   help='with --recalibrate: the trainer\'s crop and flip on those batches (default: none)')
     return p
 
 
@@ -66,6 +72,11 @@ def _table(r: Dict[str, Any]) -> str:
     loss = f'{r["loss"]:.4f}' if r['loss'] is not None else 'n/a'
     rows = [('top-1 error', f'{r["top1_error"]:.2f}%'), ('top-5 error', top5), ('loss', loss),
             ('images/s', f'{r["images_per_sec"]:,.0f}'), ('examples', f'{r["examples"]:,}')]
+    if 'top1_error_before' in r:
+        rc = r['recalibration']
+        rows.append(('before BN', f'top-1 error {r["top1_error_before"]:.2f}% (BN statistics re-estimated from '
+                                  f'{rc["batches"]} training batches of {rc["batch_size"]}'
+                                  f'{", augmented" if rc["augmented"] else ""})'))
     if 'run_test_top1_error' in r:
         same = 'the same' if r['run_test_top1_error'] == r['top1_error'] else 'differs'
         if r.get('quantized'):  # the summary is the fp32 model's
@@ -92,12 +103,18 @@ def _steps_table(r: Dict[str, Any]) -> str:
              f'{r["trained_steps"]} steps per cell, bn_sharing {r["bn_sharing"]}, bn_policy {r["bn_policy"]}',
              f'  on {r["data_dir"] or r["dataset"]} ({r["split"]} split), {r["device"]}, {precision}, '
              f'batch {r["batch_size"]}, {r["steps"][0]["examples"]:,} examples' if r['steps'] else '',
-             f'  {"steps":>5}  {"top-1 error":>11}  {"top-5 error":>11}  {"MFLOPs/image":>12}']
+             f'  {"steps":>5}  {"top-1 error":>11}  {"top-5 error":>11}  {"MFLOPs/image":>12}'
+             + (f'  {"before BN re-estimation":>23}' if 'recalibration' in r else '')]
+    if 'recalibration' in r:
+        rc = r['recalibration']
+        lines.insert(2, f'  BN statistics re-estimated per k\' from {rc["batches"]} training batches of '
+                        f'{rc["batch_size"]}{", augmented" if rc["augmented"] else ""}')
     for row in r['steps']:
         top5 = f'{row["top5_error"]:.2f}%' if row['top5_error'] is not None else 'n/a'
         mark = ' (trained)' if row['steps'] == r['trained_steps'] else ''
+        before = f'  {row["top1_error_before"]:>22.2f}%' if 'top1_error_before' in row else ''
         lines.append(f'  {row["steps"]:>5}  {row["top1_error"]:>10.2f}%  {top5:>11}  '
-                     f'{row["flops_per_image"] / 1e6:>12,.2f}{mark}')
+                     f'{row["flops_per_image"] / 1e6:>12,.2f}{before}{mark}')
     return '\n'.join(lines)
 
 
@@ -112,7 +129,10 @@ def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     set_threads(args.num_threads)
     options = dict(model=args.model, model_kwargs=json_object(args.model_kwargs), dataset=args.dataset,
                    data_dir=args.data_dir, split=args.split, batch_size=args.batch_size, max_samples=args.max_samples,
-                   device=args.device, mixed_precision=args.mixed_precision)
+                   device=args.device, mixed_precision=args.mixed_precision, recalibrate=args.recalibrate,
+                   recalibrate_augment=args.recalibrate_augment)
+    if args.recalibrate_augment and args.recalibrate is None:
+        raise UserError('--recalibrate_augment applies to BN re-estimation: add --recalibrate N (training batches)')
     if args.steps is None:
         for option in ('bn_policy', 'plot'):
             if getattr(args, option) is not None:

@@ -26,10 +26,22 @@ runs trained step round(j (k-1) / (k'-1)) (the first and the last trained step a
 others evenly in between). ``set_steps(k)`` gives back the trained cell exactly. A cell with unshared
 weights cannot run more steps than it has.
 
+Relaxed sharing (``rank=r``): every convolution and linear layer the steps share gets, at each step, its
+own rank-r correction in convolution form, ``W x + B_i(A_i(x))`` (`LowRankCorrected`; Bae et al., "Relaxed
+Recursive Transformers", ICLR 2025, for convolutions): A_i is a k x k convolution from C_in to r channels
+with the layer's stride, padding and dilation, B_i a 1 x 1 convolution from r to C_out, no bias, so
+r (C_in k^2 + C_out) parameters and as many multiply-adds per output pixel per step (a linear layer:
+r (in + out)). r is capped at the layer's full rank, min(C_out, C_in k^2); grouped (depthwise)
+convolutions get no correction. From scratch B_i starts at zero (LoRA's rule): the cell starts as the
+strictly shared one. The base weight stays one shared tensor; the corrections follow the steps exactly
+as the BN layers do (`set_steps`, `bn_policy`, BN groups share step i's correction). `merge_corrections`
+folds each step's correction into a plain per-step weight (an unshared cell) for export.
+
 Reference: Zhang & Jung, "Recurrent Convolutions: A Model Compression Point of View", NeurIPS 2018
 workshop on compact deep networks (extended: arXiv 1902.09809).
 """
 import copy
+import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,7 +50,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from timm.layers import DropPath
 
-__all__ = ['BN_SHARING', 'BN_POLICIES', 'DEFAULT_BN_POLICY', 'Unrolled', 'unroll', 'step_map', 'is_norm', 'NORM_LAYERS', 'register_norm_layer']
+__all__ = ['BN_SHARING', 'BN_POLICIES', 'DEFAULT_BN_POLICY', 'Unrolled', 'unroll', 'step_map', 'is_norm', 'NORM_LAYERS',
+           'register_norm_layer', 'LowRankCorrected', 'correctable', 'correction_rank', 'merge_corrections']
 
 BN_SHARING = ('independent', 'shared', 'none')
 BN_POLICIES = ('first', 'spread')
@@ -216,6 +229,7 @@ class Unrolled(nn.Module):
         self.before_step = nn.ModuleList(before_step)
         self.plan = []  # [(before_step indices, steps index)] per executed step; set_steps fills it
         self.bn_group = 0
+        self.rank = 0  # per-step low-rank corrections of the shared layers (unroll's rank)
         self.register_state_dict_post_hook(_drop_aliases)
         self.register_load_state_dict_pre_hook(_fill_aliases)
         self.set_steps(self.num_steps)
@@ -311,6 +325,8 @@ class Unrolled(nn.Module):
         text = f'num_steps={self.num_steps}, bn_sharing={self.bn_sharing!r}, share_weights={self.share_weights}'
         if self.bn_groups > 1:
             text += f', bn_groups={self.bn_groups}'
+        if self.rank:
+            text += f', rank={self.rank}'
         if self.active_steps != self.num_steps or self.bn_group or self.step_map() != list(range(self.num_steps)):
             text += f', active_steps={self.active_steps}, step_map={self.step_map()}, bn_group={self.bn_group}'
         return text
@@ -372,6 +388,7 @@ def unroll(
         before_step: Optional[Mapping[int, nn.Module]] = None,
         drop_path: Optional[Union[float, Sequence[float]]] = None,
         bn_groups: int = 1,
+        rank: Optional[int] = None,
 ) -> Unrolled:
     """ Turn a shape-preserving residual block into a recurrent one applied `steps` times.
 
@@ -397,6 +414,10 @@ def unroll(
             chosen at run time with ``set_steps(k, group=g)``; the groups share every non-BN module
             of each step (the RC cells' "double independent" BN, indexed by the upstream cell's
             step count). In the state_dict, step i of group g is ``steps.{g * steps + i}``.
+        rank: r > 0 gives every shared convolution and linear layer of the block a rank-r correction per step
+            (relaxed sharing, see the module docstring): in the state_dict the shared weight is
+            ``steps.0.<layer>.base.weight`` and step i's correction ``steps.{i}.<layer>.lora_a.weight`` /
+            ``lora_b.weight``. None or 0: strict sharing (the same network, keys and outputs as without it).
 
     Every normalisation layer anywhere in the block counts as a "BN layer" here (`is_norm`: torch's
     BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm, timm's norm and norm-act
@@ -417,6 +438,12 @@ def unroll(
     if bn_groups > 1 and bn_sharing != 'independent':
         raise ValueError(f"bn_groups > 1 keeps several sets of per-step BN layers and needs bn_sharing='independent', "
                          f"got {bn_sharing!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f'unroll() needs rank >= 0 (an int; 0 or None: no correction), got {rank!r}')
+    rank = rank or 0
+    if rank and not share_weights:
+        raise ValueError('rank > 0 adds per-step corrections to shared weights; with share_weights=False every step '
+                         'has its own weights already: drop rank')
     unknown = _unknown_norms(block)
     if unknown:
         raise ValueError(f'unroll() does not know the norm layer(s) {", ".join(unknown)}: bn_sharing gives each step its '
@@ -445,7 +472,8 @@ def unroll(
         _replace_bn(block)
     has_bn = any(_is_bn(m) for m in block.modules())
 
-    if share_weights and (bn_sharing != 'independent' or not has_bn) and rates is None:
+    targets = [layer for _, _, layer in _correctable_children(block)] if rank else []
+    if share_weights and (bn_sharing != 'independent' or not has_bn) and rates is None and not targets:
         step_modules = [block] * steps  # one module applied `steps` times
     else:
         # deepcopy with a memo that maps the shared objects to themselves: those are referenced,
@@ -453,7 +481,11 @@ def unroll(
         # itself is always copied, so that every step can hold its own drop_path
         shared = []
         if share_weights:
-            shared += [m for m in _bn_free_modules(block) if m is not block]
+            # with corrections the containers of the corrected layers are copied per step (each holds its own
+            # correction); the layers themselves stay shared
+            holds_target = {id(m) for m in block.modules()
+                            if any(t is not m and any(t is d for d in m.modules()) for t in targets)}
+            shared += [m for m in _bn_free_modules(block) if m is not block and id(m) not in holds_target]
             # tensors held directly by containers that also hold BN (e.g. a layer-scale gamma)
             shared += [t for m in block.modules() if not _is_bn(m) for t in m._parameters.values()]
             shared += [t for m in block.modules() if not _is_bn(m) for t in m._buffers.values()]
@@ -472,6 +504,9 @@ def unroll(
             off = None if block.drop_path is None else nn.Identity
             for step, rate in zip(step_modules, rates):
                 step.drop_path = DropPath(rate) if rate > 0 else (off() if off else None)
+        if targets:
+            for step in step_modules:
+                _add_corrections(step, rank)
 
     if bn_groups > 1:
         # further BN groups: copies of each step that share everything of it but its BN layers
@@ -481,7 +516,127 @@ def unroll(
         step_modules = step_modules + groups
 
     before = [before_step.get(i, nn.Identity()) for i in range(steps)]
-    return Unrolled(step_modules, before, bn_sharing=bn_sharing, share_weights=share_weights, bn_groups=bn_groups)
+    cell = Unrolled(step_modules, before, bn_sharing=bn_sharing, share_weights=share_weights, bn_groups=bn_groups)
+    cell.rank = rank
+    return cell
+
+
+# ---- relaxed sharing: per-step low-rank corrections ------------------------------------------
+
+
+def correctable(module: nn.Module) -> bool:
+    """ Whether `module` gets a per-step correction with rank > 0: a 1-3-D convolution of one group, or a
+    linear layer. """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups == 1 and not module.transposed
+    return isinstance(module, nn.Linear)
+
+
+def correction_rank(module: nn.Module, rank: int) -> int:
+    """ `rank` capped at the layer's full rank: min(C_out, C_in k^2) for a convolution, min(out, in) for a
+    linear layer. """
+    if isinstance(module, nn.Linear):
+        return min(rank, module.in_features, module.out_features)
+    fan_in = module.in_channels * math.prod(module.kernel_size)
+    return min(rank, module.out_channels, fan_in)
+
+
+class LowRankCorrected(nn.Module):
+    """ A shared layer (`base`, the same module in every step) plus this step's rank-r correction:
+    ``base(x) + lora_b(lora_a(x))``. For a convolution `lora_a` is a convolution of the base's kernel, stride,
+    padding and dilation from C_in to r channels and `lora_b` a 1 x 1 convolution from r to C_out; for a
+    linear layer two linear layers; neither has a bias. `lora_b` starts at zero. """
+
+    def __init__(self, base: nn.Module, rank: int):
+        super().__init__()
+        if not correctable(base):
+            raise ValueError(f'LowRankCorrected takes a convolution of one group or a linear layer, got {_describe(base)}')
+        r = correction_rank(base, rank)
+        if r < 1:
+            raise ValueError(f'LowRankCorrected needs rank >= 1, got {rank}')
+        self.base = base
+        self.rank = r
+        w = base.weight
+        factory = dict(device=w.device, dtype=w.dtype)
+        if isinstance(base, nn.Linear):
+            self.lora_a = nn.Linear(base.in_features, r, bias=False, **factory)
+            self.lora_b = nn.Linear(r, base.out_features, bias=False, **factory)
+        else:
+            conv = type(base)
+            self.lora_a = conv(base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
+                               dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **factory)
+            self.lora_b = conv(r, base.out_channels, 1, bias=False, **factory)
+        nn.init.zeros_(self.lora_b.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ The correction as a weight of the base's shape: B A (per kernel position for a convolution). """
+        b = self.lora_b.weight.reshape(self.lora_b.weight.shape[0], self.rank)
+        a = self.lora_a.weight
+        return (b @ a.reshape(self.rank, -1)).reshape(self.base.weight.shape)
+
+    def set_delta(self, delta: torch.Tensor) -> None:
+        """ Set A and B to the best rank-r approximation of `delta` (a weight of the base's shape), from its
+        truncated SVD: B = U_r S_r^(1/2), A = S_r^(1/2) V_r^T. Exact when r is the layer's full rank. """
+        out = delta.shape[0]
+        matrix = delta.detach().reshape(out, -1).double()
+        u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+        root = sv[:self.rank].sqrt()
+        with torch.no_grad():
+            self.lora_b.weight.copy_((u[:, :self.rank] * root).reshape(self.lora_b.weight.shape))
+            self.lora_a.weight.copy_((root[:, None] * vh[:self.rank]).reshape(self.lora_a.weight.shape))
+
+    def merged(self) -> nn.Module:
+        """ A plain layer like `base` (a copy) whose weight is the base's plus this step's correction. """
+        layer = copy.deepcopy(self.base)
+        with torch.no_grad():
+            layer.weight.add_(self.delta_weight())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+    def extra_repr(self) -> str:
+        return f'rank={self.rank}'
+
+
+def _correctable_children(module: nn.Module) -> List[Tuple[nn.Module, str, nn.Module]]:
+    """ (parent, attribute, layer) of every correctable layer below `module`, outside its norm layers. """
+    out = []
+    for parent in module.modules():
+        if _is_bn(parent) or isinstance(parent, LowRankCorrected):
+            continue
+        for name, child in parent.named_children():
+            if correctable(child):
+                out.append((parent, name, child))
+    return out
+
+
+def _add_corrections(step: nn.Module, rank: int) -> None:
+    for parent, name, layer in _correctable_children(step):
+        setattr(parent, name, LowRankCorrected(layer, rank))
+
+
+def merge_corrections(model: nn.Module) -> nn.Module:
+    """ Fold every step's low-rank correction into a plain per-step weight, in place: each `Unrolled` cell with
+    corrections becomes a cell with unshared weights (step i's layer: base + B_i A_i), whose state_dict is that
+    of the unshared network of the same graph (e.g. rc4_unshared_cifar for rc4_cifar with rank > 0). The
+    outputs stay the same (to float rounding). Returns `model`. """
+    for cell in [m for m in model.modules() if isinstance(m, Unrolled)]:
+        merged = False
+        for step in cell.steps:
+            for parent in list(step.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, LowRankCorrected):
+                        setattr(parent, name, child.merged())
+                        merged = True
+        if merged:
+            cell.share_weights = False
+            cell.rank = 0
+    if hasattr(model, 'rank') and not isinstance(model, Unrolled):
+        model.rank = 0
+        if hasattr(model, 'share_weights'):
+            model.share_weights = False
+    return model
 
 
 def _shared_objects(block: nn.Module) -> List[object]:

@@ -116,6 +116,7 @@ class RCNet(nn.Module):
             drop_path_rate: float = 0.,
             drop_block_rate: float = 0.,
             bn_policy: str = 'spread',
+            rank: int = 0,
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             device=None,
@@ -141,6 +142,8 @@ class RCNet(nn.Module):
             bn_policy: `set_steps`'s default rule for which trained step's BN layers serve each of k'
                 executed steps: 'spread' or 'first' (`timm_rc.step_map`); trained with sampled step
                 counts, a network runs every k' it was trained at with 'first'.
+            rank: relaxed sharing: each step's convolutions get their own rank-r correction (`timm_rc.unroll`'s
+                rank; r (C_in 9 + C_out) parameters per 3x3 convolution per step). 0: strict sharing.
             act_layer: activation class or timm name ('relu', 'silu', ...).
             norm_layer: norm class of the stem and the blocks, or timm name ('batchnorm2d', ...).
         """
@@ -153,6 +156,11 @@ class RCNet(nn.Module):
             raise ValueError(f'unknown bn_policy {bn_policy!r}; valid values: {", ".join(map(repr, BN_POLICIES))}')
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f'steps must be an int >= 1, got {steps!r}')
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f'rank must be an int >= 0 (0: strict sharing), got {rank!r}')
+        if rank and not share_weights:
+            raise ValueError('rank > 0 adds per-step corrections to shared weights; a network with unshared weights '
+                             '(rc2_unshared_cifar, rc4_unshared_cifar) has its own weights per step already: drop rank')
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f'width must be an int >= 1, got {width!r}')
         if not 0 <= drop_path_rate < 1:
@@ -176,6 +184,7 @@ class RCNet(nn.Module):
         self.bn_sharing = bn_sharing
         self.bn_policy = bn_policy
         self.share_weights = share_weights
+        self.rank = rank
         self.block = block  # timm's save_for_hf records it in config.json (the default changed in 0.2.0)
         self.width = width
 
@@ -195,6 +204,7 @@ class RCNet(nn.Module):
                 before_step={steps // 2: nn.AvgPool2d(2)},
                 drop_path=rates if drop_path_rate > 0 else None,
                 bn_groups=bn_groups,
+                rank=rank,
             )
 
         self.cell1 = cell(width, dpr[:steps])

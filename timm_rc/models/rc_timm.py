@@ -4,7 +4,9 @@ step keeping its own BN layers).
 
 Every registered name takes the base model's kwargs (num_classes, drop_path_rate, features_only, ...) and
 `bn_sharing` ('independent', 'shared', 'none'), `steps` (an int for every run, or one per run) and
-`bn_policy` (convert_to_rc's). The pretrained configs (tags, mean, std, input size, hub ids) are the base
+`bn_policy`, `rank` (relaxed sharing: per-step low-rank corrections, initialised from the SVD of each block's
+difference to the shared weights) and `init` ('first' or 'average': the shared weights, convert_to_rc's).
+The pretrained configs (tags, mean, std, input size, hub ids) are the base
 model's: `pretrained=True` loads the base model's weights first and then converts, so step i of a run starts
 from block i's BN statistics and the run's first block's weights. `model.rc_conversion` says what was shared.
 """
@@ -34,7 +36,8 @@ default_cfgs = generate_default_cfgs({k: v for base in RC_FAMILIES for k, v in _
 
 
 def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independent', steps=None,
-               bn_policy: str = DEFAULT_BN_POLICY, pretrained_cfg: Optional[Any] = None, **kwargs):
+               bn_policy: str = DEFAULT_BN_POLICY, pretrained_cfg: Optional[Any] = None, rank: Optional[int] = None,
+               init: str = 'first', **kwargs):
     import timm
     # create_model hands the entrypoint the tag of 'rc_resnet50.a1_in1k' as pretrained_cfg='a1_in1k'; a
     # dict or PretrainedCfg given by the user goes to the base model as it is
@@ -47,7 +50,8 @@ def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independe
         model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     else:  # the base's weights (hub, file), converted below
         model = timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
-    model.rc_conversion = convert_to_rc(model, bn_sharing=bn_sharing, steps=steps, bn_policy=bn_policy)
+    model.rc_conversion = convert_to_rc(model, bn_sharing=bn_sharing, steps=steps, bn_policy=bn_policy, init=init,
+                                        rank=rank)
     cfg = dict(model.pretrained_cfg, architecture=f'rc_{base}')
     model.pretrained_cfg = model.default_cfg = cfg
     if converted is not None:
@@ -57,7 +61,7 @@ def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independe
         except RuntimeError as e:
             lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
             raise ValueError(f'{converted} holds RC weights that do not fit rc_{base} with these kwargs '
-                             f'(bn_sharing={bn_sharing!r}, steps={steps!r}): {(lines or [str(e)])[0][:300]}') from None
+                             f'(bn_sharing={bn_sharing!r}, steps={steps!r}, rank={rank!r}): {(lines or [str(e)])[0][:300]}') from None
     return model
 
 

@@ -31,6 +31,7 @@ from ..checkpoints import checkpoint_problem, choose_checkpoint, fault, read_tra
     save_checkpoint
 from ..config import INIT_KWARGS, TrainConfig, paper_epochs
 from ..create import create_model
+from ..distillation import Teacher, check_teacher, distillation_task, load_teacher
 from ..data import BatchedTensorDataset, GpuBatches, Splits, augment, collate_batch, epoch_generator, load_splits, \
     normalize
 from ..errors import UserError
@@ -351,6 +352,8 @@ class _Setup:
     mixed_precision: str
     run_config: Dict[str, Any]
     trackers: List[str]
+    teacher: Optional[Teacher]  # distillation: the frozen teacher, and `task` the loss with it
+    task: Optional[nn.Module]
     state: Dict[str, Any]  # epoch, global_step, best error, times: what a checkpoint's trainer_state.json holds
 
 
@@ -362,6 +365,7 @@ class _EpochStats:
     images: int  # over all processes
     steps: int
     steps_drawn: Optional[List[list]]  # sample_steps: each process's k' draws
+    kd_loss: Optional[float]  # distillation: the mean distillation term (before alpha)
     stop: bool  # max_steps reached
 
 
@@ -465,6 +469,7 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
     epochs = cfg.epochs or paper_epochs(depth)
     n_params = sum(p.numel() for p in model.parameters())
     mean, std = model_mean_std(model, device)
+    teacher = _load_teacher(cfg, splits, model)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
@@ -484,7 +489,13 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
         batches = accelerator.prepare(batches)
     run_config = dict(cfg.to_dict(), epochs=epochs, params=n_params, num_processes=world, loader=splits.path,
                       mixed_precision=mixed_precision, channels_last=channels_last, output_dir=str(run.path),
-                      data=splits.identity)
+                      data=splits.identity, **({'teacher_identity': teacher.identity} if teacher else {}))
+    task = None
+    if teacher is not None:
+        if channels_last:
+            teacher.model.to(memory_format=torch.channels_last)
+        task = distillation_task(model, teacher.model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                                 cfg.distill_alpha, cfg.distill_temperature, device)
     state = dict(epoch=0, global_step=0, best_test_top1_error=None, train_time_s=0.0, train_images=0,
                  wall_time_s=0.0)
     return _Setup(
@@ -493,7 +504,18 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), batches=batches, eval_loader=eval_loader,
         splits=splits, mean=mean, std=std, channels_last=channels_last, epochs=epochs,
         steps_per_epoch=steps_per_epoch, n_params=n_params, mixed_precision=mixed_precision, run_config=run_config,
-        trackers=trackers, state=state)
+        trackers=trackers, teacher=teacher, task=task, state=state)
+
+
+def _load_teacher(cfg: TrainConfig, splits: Splits, student: nn.Module) -> Optional[Teacher]:
+    """ The run's teacher (None without one), checked against the data's class count and image size. """
+    if cfg.teacher is None:
+        return None
+    teacher = load_teacher(cfg.teacher, cfg.teacher_model, cfg.teacher_model_kwargs)
+    images = getattr(splits.train, 'images', None)
+    input_size = tuple(images.shape[1:]) if images is not None else tuple(student.pretrained_cfg['input_size'])
+    check_teacher(teacher.model, splits.num_classes, input_size)
+    return teacher
 
 
 def _start_trackers(s: _Setup, wandb_mode: Optional[str]) -> None:
@@ -531,6 +553,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
     gen = epoch_generator(cfg.seed, epoch, device, rank)
     s.batches.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
+    kd_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = steps = 0
     drawn = []  # this epoch's k' draws (sample_steps)
@@ -550,8 +573,14 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
             k = draw_steps(cfg.seed, s.state['global_step'], *cfg.sample_steps, cells)
             net.set_steps(k[0] if cells == 1 else tuple(k))
             drawn.append(k)
-        logits = model(x)
-        loss = s.criterion(logits.float(), labels)
+        if s.task is not None:  # distillation: the teacher sees the same batch, outside Accelerate's wrappers
+            with accelerator.autocast():
+                out = s.task(x, labels)
+            loss, logits = out['loss'], out['output']
+            kd_sum += out['kd_loss'].detach().float()
+        else:
+            logits = model(x)
+            loss = s.criterion(logits.float(), labels)
         accelerator.backward(loss)
         if cfg.clip_grad_value is not None:
             accelerator.clip_grad_value_(model.parameters(), cfg.clip_grad_value)
@@ -584,10 +613,11 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
         if cfg.max_steps is not None and s.state['global_step'] >= cfg.max_steps:
             stop = True
             break
-    totals = accelerator.reduce(torch.stack([loss_sum, correct.float()]), reduction='sum')
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.float(), kd_sum]), reduction='sum')
     steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
     return _EpochStats(train_loss=totals[0].item() / (steps * world), train_acc=totals[1].item() / (seen * world),
-                       seconds=time.time() - t0, images=seen * world, steps=steps, steps_drawn=steps_drawn, stop=stop)
+                       seconds=time.time() - t0, images=seen * world, steps=steps, steps_drawn=steps_drawn, stop=stop,
+                       kd_loss=totals[2].item() / (steps * world) if s.task is not None else None)
 
 
 def _test(s: _Setup):
@@ -610,6 +640,7 @@ def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test) -> Dict[str, 
         **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
         'lr': s.scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': stats.seconds,
         'images_per_sec': stats.images / stats.seconds, **bn_scalars(bn),
+        **({'train/kd_loss': stats.kd_loss} if stats.kd_loss is not None else {}),
     }
     try:
         accelerator.log(metrics, step=epoch + 1)
@@ -637,6 +668,8 @@ def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test) -> Dict[str, 
         device=str(device), num_threads=torch.get_num_threads() if device.type == 'cpu' else None,
         device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
         versions=_library_versions(),
+        **({'teacher': dict(s.teacher.identity, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)}
+           if s.teacher is not None else {}),
     )
     if accelerator.is_main_process:
         s.run.write_summary(summary)
@@ -683,6 +716,11 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
             f'epoch{"s" * (s.epochs != 1)} of {s.steps_per_epoch} steps (batch {cfg.batch_size} over {world} '
             f'process{"es" * (world > 1)}), loader {s.splits.path}, {precision}, '
             f'{len(s.splits.train)}/{len(s.splits.test)} train/test examples')
+        if s.teacher is not None:
+            t = s.teacher.identity
+            accelerator.print(f'distilling from {t["source"]} ({t["model"]}, {t["params"]:,} params): loss = '
+                              f'{1 - cfg.distill_alpha:g} x label loss + {cfg.distill_alpha:g} x KD at temperature '
+                              f'{cfg.distill_temperature:g}')
 
     summary: Dict[str, Any] = {}
     start_time = time.time() - state['wall_time_s']
