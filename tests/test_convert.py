@@ -56,7 +56,7 @@ def test_exact_param_counts_by_the_rule(name):
     original = copy.deepcopy(model)
     runs = find_runs(original, SMALL)
     expected = params(original) - sum(non_bn_params(seq._modules[c]) for _, seq, names in runs for c in names[1:])
-    report = convert_to_rc(model, input_size=SMALL)
+    report = convert_to_rc(model, input_size=SMALL, return_report=True)
     assert (report.params_before, report.params_after) == COUNTS[name] == (params(original), params(model))
     assert report.params_after == expected
     assert [(r.container, r.blocks) for r in report.runs] == [(c, names) for c, _, names in runs]
@@ -66,7 +66,7 @@ def test_exact_param_counts_by_the_rule(name):
 
 def test_torchvision_resnet50_the_same_rule():
     model = torchvision.models.resnet50()
-    report = convert_to_rc(model, input_size=(3, 224, 224))
+    report = convert_to_rc(model, input_size=(3, 224, 224), return_report=True)
     assert (report.params_before, report.params_after) == (25_557_032, 16_017_448)
     assert [(r.container, r.blocks) for r in report.runs] == [
         ('layer1', ['1', '2']), ('layer2', ['1', '2', '3']), ('layer3', ['1', '2', '3', '4', '5']), ('layer4', ['1', '2'])]
@@ -94,7 +94,7 @@ def test_outputs_equal_the_original_when_the_runs_blocks_are_identical(name, siz
     block_bns = {(c, n): [m.state_dict() for m in seq._modules[n].modules() if isinstance(m, _BatchNorm)]
                  for c, seq, names in runs for n in names}
     original = copy.deepcopy(model)
-    report = convert_to_rc(model, input_size=(3, size, size))
+    report = convert_to_rc(model, input_size=(3, size, size), return_report=True)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
@@ -109,7 +109,7 @@ def test_outputs_equal_the_original_when_the_runs_blocks_are_identical(name, siz
 
 def test_state_dict_holds_each_shared_tensor_once_and_round_trips(tmp_path):
     model = randomize_bn(timm.create_model('resnet50')).eval()
-    convert_to_rc(model, input_size=SMALL)
+    convert_to_rc(model, input_size=SMALL, return_report=True)
     sd = model.state_dict()
     assert 'layer3.1.steps.0.conv1.weight' in sd and 'layer3.1.steps.4.conv1.weight' not in sd
     assert 'layer3.1.steps.4.bn1.running_mean' in sd  # every step's BN
@@ -117,7 +117,7 @@ def test_state_dict_holds_each_shared_tensor_once_and_round_trips(tmp_path):
         == sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in [m.weight])
     save_file(sd, str(tmp_path / 'rc.safetensors'))  # safetensors refuses shared tensors: none are left
     fresh = timm.create_model('resnet50')
-    timm_rc.convert_to_rc(fresh, input_size=SMALL)
+    timm_rc.convert_to_rc(fresh, input_size=SMALL, return_report=True)
     fresh.load_state_dict(load_file(str(tmp_path / 'rc.safetensors')), strict=True)
     fresh.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -129,7 +129,7 @@ def test_state_dict_holds_each_shared_tensor_once_and_round_trips(tmp_path):
 def test_unshared_rcnet_becomes_the_rc_network():
     """ The paper's ResNet-18 graph converts to RC-4: the same params and the same state_dict keys. """
     plain = randomize_bn(timm.create_model('rc4_unshared_cifar', width=8)).eval()
-    report = convert_to_rc(plain)
+    report = convert_to_rc(plain, return_report=True)
     assert report.params_before == 79_538 and report.params_after == 20_786
     assert plain.share_weights and [r.container for r in report.runs] == ['cell1', 'cell2']
     rc4 = timm.create_model('rc4_cifar', width=8)
@@ -146,26 +146,26 @@ def test_steps_unrolls_more_or_fewer_times():
     model = timm.create_model('resnet50')
     before = params(model)
     later = sum(params(seq._modules[c]) for _, seq, names in find_runs(model, SMALL) for c in names[1:])
-    report = convert_to_rc(model, steps=1, input_size=SMALL)
+    report = convert_to_rc(model, steps=1, input_size=SMALL, return_report=True)
     # one step per run: every block after the first of a run is gone, BN included
     assert report.params_after == before - later
     model = timm.create_model('resnet50')
-    report = convert_to_rc(model, steps=[2, 6, 5, 4], input_size=SMALL)
+    report = convert_to_rc(model, steps=[2, 6, 5, 4], input_size=SMALL, return_report=True)
     assert [r.steps for r in report.runs] == [2, 6, 5, 4]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match=r'steps has 2 values but the network has 4 runs'):
-        convert_to_rc(timm.create_model('resnet50'), steps=[2, 3], input_size=SMALL)
+        convert_to_rc(timm.create_model('resnet50'), steps=[2, 3], input_size=SMALL, return_report=True)
     with pytest.raises(ValueError, match=r'steps must be ints >= 1'):
-        convert_to_rc(timm.create_model('resnet50'), steps=0, input_size=SMALL)
+        convert_to_rc(timm.create_model('resnet50'), steps=0, input_size=SMALL, return_report=True)
     with pytest.raises(ValueError, match=r"unknown bn_sharing 'double'; valid values: 'independent', 'shared', 'none'"):
-        convert_to_rc(timm.create_model('resnet18'), bn_sharing='double')
+        convert_to_rc(timm.create_model('resnet18'), bn_sharing='double', return_report=True)
     with pytest.raises(ValueError, match=r'needs input_size \(C, H, W\) .* does not start with a 2-D convolution'):
-        convert_to_rc(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+        convert_to_rc(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), return_report=True)
     with pytest.raises(ValueError, match=r'convert it at 4 steps'):
-        convert_to_rc(timm.create_model('rc4_unshared_cifar', width=4), steps=2)
+        convert_to_rc(timm.create_model('rc4_unshared_cifar', width=4), steps=2, return_report=True)
 
 
 def test_a_torchvision_network_without_a_cfg_is_probed_at_224():
@@ -173,21 +173,21 @@ def test_a_torchvision_network_without_a_cfg_is_probed_at_224():
     224 x 224 image of its channels (issue 17, item 8); the runs found equal those at the size given. """
     import torchvision
     model = torchvision.models.resnet34()
-    given = convert_to_rc(torchvision.models.resnet34(), input_size=(3, 64, 64))
-    report = convert_to_rc(model)
+    given = convert_to_rc(torchvision.models.resnet34(), input_size=(3, 64, 64), return_report=True)
+    report = convert_to_rc(model, return_report=True)
     assert [(r.container, r.blocks) for r in report.runs] == [(r.container, r.blocks) for r in given.runs]
     assert [(r.container, len(r.blocks)) for r in report.runs] == [('layer1', 3), ('layer2', 3), ('layer3', 5),
                                                                    ('layer4', 2)]
     assert report.params_after == given.params_after < report.params_before
     with pytest.raises(ValueError, match=r'could not run Sequential on a zero image of size \(3, 224, 224\)'):
-        convert_to_rc(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2)))
+        convert_to_rc(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(10, 2)), return_report=True)
 
 
 def test_nothing_to_share_is_a_warning_and_the_model_unchanged():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(UserWarning, match='nothing|no run of two or more identical'):
-        report = convert_to_rc(model, input_size=(3, 16, 16))
+        report = convert_to_rc(model, input_size=(3, 16, 16), return_report=True)
     assert report.runs == [] and report.params_after == report.params_before
     assert model.state_dict().keys() == before.keys()
 
@@ -206,7 +206,7 @@ def test_a_users_own_network_with_torch_compile():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(8), Residual(8), Residual(8), nn.AvgPool2d(2),
                           Residual(8), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
     randomize_bn(model).eval()
-    report = convert_to_rc(model, input_size=(3, 16, 16))
+    report = convert_to_rc(model, input_size=(3, 16, 16), return_report=True)
     assert [(r.container, r.blocks) for r in report.runs] == [('', ['1', '2', '3'])]
     assert isinstance(model[1], Unrolled) and model[1].num_steps == 3 and len(model) == 6
     x = torch.randn(2, 3, 16, 16)
@@ -356,3 +356,14 @@ def test_the_printed_load_line_of_a_converted_timm_model_works(tmp_path, capsys)
     assert "num_classes=3, bn_sharing='shared', pretrained=True" in line
     model = eval(line.removeprefix('load it with '), {'timm': timm})  # the very line a user would paste
     assert isinstance(model.layer1[0], Unrolled) and model.layer1[0].bn_sharing == 'shared' and model.num_classes == 3
+
+
+def test_convert_to_rc_returns_the_model_when_asked_and_warns_about_the_change():
+    model = timm.create_model('resnet18')
+    converted = convert_to_rc(model, return_report=False)
+    assert converted is model and isinstance(model.rc_conversion, timm_rc.RCConversion)
+    assert model.rc_conversion.params_after == sum(p.numel() for p in model.parameters())
+    assert converted(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.warns(FutureWarning, match=r'returns the converted model from timm_rc 0\.4.*return_report=False'):
+        report = convert_to_rc(timm.create_model('resnet18'))
+    assert isinstance(report, timm_rc.RCConversion) and report.runs

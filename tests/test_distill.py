@@ -37,7 +37,7 @@ def test_average_init_is_the_mean_of_the_blocks_tensors():
     src = timm.create_model('rc4_unshared_cifar', width=4)
     blocks = [copy.deepcopy(s) for s in src.cell2.steps]
     model = copy.deepcopy(src)
-    report = timm_rc.convert_to_rc(model, init='average')
+    report = timm_rc.convert_to_rc(model, init='average', return_report=True)
     assert report.init == 'average' and 'init=\'average\'' in str(report)
     step0 = model.cell2.steps[0]
     for name in ('conv1.weight', 'conv2.weight'):
@@ -48,10 +48,10 @@ def test_average_init_is_the_mean_of_the_blocks_tensors():
         assert torch.equal(model.cell2.steps[i].bn1.running_var, b.bn1.running_var)
         assert torch.equal(model.cell2.steps[i].bn2.weight, b.bn2.weight)
     first = copy.deepcopy(src)
-    timm_rc.convert_to_rc(first, init='first')
+    timm_rc.convert_to_rc(first, init='first', return_report=True)
     assert torch.equal(first.cell2.steps[0].conv1.weight, blocks[0].conv1.weight)
     with pytest.raises(ValueError, match="unknown init 'mean'; valid values: 'first', 'average'"):
-        timm_rc.convert_to_rc(copy.deepcopy(src), init='mean')
+        timm_rc.convert_to_rc(copy.deepcopy(src), init='mean', return_report=True)
 
 
 # ---- BN re-estimation ------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_full_rank_conversion_gives_the_original_network_back_and_error_falls_wi
         errors = []
         for rank in (1, 2, 4, 8, 16):  # 16: the full rank of cell 2's convs (cell 1's is 4)
             model = copy.deepcopy(src)
-            report = timm_rc.convert_to_rc(model, init=init, rank=rank)
+            report = timm_rc.convert_to_rc(model, init=init, rank=rank, return_report=True)
             assert report.rank == rank and model.rank == rank and model.share_weights
             model.eval()
             if rank == 16:

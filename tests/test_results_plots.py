@@ -303,3 +303,17 @@ def test_a_command_piped_into_head_ends_quietly():
         assert source.rstrip().endswith("from .cli.common import run\n    run(main)"), command
         cli = (Path(__file__).resolve().parents[1] / 'timm_rc' / 'cli' / f'{command}.py').read_text()
         assert cli.rstrip().endswith("if __name__ == '__main__':\n    run(main)"), command
+
+
+def test_a_run_from_an_experiments_file_is_compared_with_that_file(tmp_path):
+    # the CPU demo's file sets 8 epochs and its own milestones; a sweep adds max_train_samples on top
+    demo = dict(model='rc1_cifar', epochs=8, lr_milestones=[5, 7], model_kwargs={'width': 8}, params=20_306)
+    file = dict(demo, data_dir='../shared/data/cifar10', weight_decay='1e-4')  # YAML reads 1e-4 as text
+    make_run(tmp_path / 'plain', err=40.0, config_file='train_configs/cpu_demo.yaml', config_values=file, **demo)
+    make_run(tmp_path / 'small', err=50.0, config_file='train_configs/cpu_demo.yaml', config_values=file,
+             max_train_samples=1024, summary=dict(train_examples=1024), **demo)
+    make_run(tmp_path / 'nofile', err=45.0, **demo)
+    table = rows(results.table(results.collect([tmp_path]), markdown=True))
+    settings = sorted(r['setting'] for r in table)
+    assert settings == ['config cpu_demo.yaml', 'config cpu_demo.yaml, max_train_samples 1024',
+                        'epochs 8, train_examples 50000, lr_milestones 5,7']  # without a file: the protocol's way

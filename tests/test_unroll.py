@@ -553,7 +553,7 @@ def test_convert_to_rc_gives_each_step_its_blocks_groupnorm():
         nn.init.constant_(b.n1.weight, float(i + 1))
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *blocks)
     before = _params(model)
-    report = timm_rc.convert_to_rc(model, input_size=(3, 8, 8))
+    report = timm_rc.convert_to_rc(model, input_size=(3, 8, 8), return_report=True)
     cell = model[1]
     assert [float(step.n1.weight[0]) for step in cell.steps] == [1.0, 2.0, 3.0]
     conv = 2 * 8 * 8 * 9

@@ -18,7 +18,7 @@ from torch import nn
 
 from .data import load_split, normalize, split_loader
 from .errors import UserError
-from .evaluation import flops_per_image, model_mean_std, run_dataset, test_error_fn
+from .evaluation import flops_per_image, model_mean_std, recalibrator, run_dataset, test_error_fn
 from .loading import load_spec
 from .create import create_model
 from .quantize import DEFAULT_GROUP_SIZE, config_for_bits, dequantize_state_dict, load_quantized, quantized_file_bytes, \
@@ -85,10 +85,11 @@ def plain_network(model: nn.Module, name: str, kwargs: Dict[str, Any]) -> Option
     """ (timm name, kwargs) of the plain network of `model`'s graph, or None: an RCNet's with
     share_weights=False, a registered rc_* family's base model. """
     if bool(getattr(model, 'share_weights', False)) and getattr(model, 'steps', 1) != 1:
-        return name, {**kwargs, 'share_weights': False}
+        return name, {**{k: v for k, v in kwargs.items() if k != 'rank'}, 'share_weights': False}
     conversion = getattr(model, 'rc_conversion', None)
     if conversion is not None and conversion.runs and name.startswith('rc_'):
-        return name.removeprefix('rc_'), {k: v for k, v in kwargs.items() if k not in ('bn_sharing', 'steps', 'bn_policy')}
+        return name.removeprefix('rc_'), {k: v for k, v in kwargs.items()
+                                          if k not in ('bn_sharing', 'steps', 'bn_policy', 'rank', 'init')}
     return None
 
 
@@ -168,21 +169,43 @@ def _need_run_folder(run: str, command: str) -> None:
 
 
 def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE, dataset: Optional[str] = None,
-                 data_dir: Optional[str] = None, max_samples: Optional[int] = None) -> Dict[str, Any]:
+                 data_dir: Optional[str] = None, max_samples: Optional[int] = None,
+                 recalibrate: Optional[int] = None) -> Dict[str, Any]:
     """ Write RUN/model.int{bits}.safetensors (never touching model.safetensors) and measure both: file
-    bytes and, where there is test data, the fp32 and quantized test error. """
+    bytes and, where there is test data, the fp32 and quantized test error. `recalibrate` N: re-estimate the
+    BN statistics of the quantized network from N training batches (`timm_rc.recalibrate_bn`) and write those
+    into the file (the BN buffers stay fp32); the result then also holds the error before it. """
     if bits not in (8, 4):
         raise UserError(f'--bits must be 8 or 4, got {bits}')
     if group_size < 1:
         raise UserError(f'--group_size must be >= 1, got {group_size}')
     config = config_for_bits(bits, group_size)
+    if recalibrate is not None and recalibrate < 1:
+        raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate}')
     _need_run_folder(run_dir, 'quantize')
     net, run, name, kwargs = load_spec(run_dir)
     folder = Path(run_dir)
+    recal = None
+    if recalibrate is not None:
+        ds, dd = run_dataset(run, dataset, data_dir)
+        batch = (run.config().get('batch_size') if run is not None else None) or 128
+        recal = recalibrator(net, ds, dd, recalibrate, batch)
     evaluate_fn = None
     if run is not None or data_dir or dataset:
         evaluate_fn, examples = test_error_fn(run, net, dataset, data_dir, max_samples)
     out = folder / quantized_name(config)
+    before = None
+    if recal is not None:  # the quantized weights' own BN statistics, written into the file beside them
+        _, tensors, shapes = quantized_file_bytes(net, config)
+        quantized = copy.deepcopy(net)
+        quantized.load_state_dict(dequantize_state_dict(tensors, shapes, config), strict=True)
+        if evaluate_fn is not None:
+            before = evaluate_fn(quantized.eval())
+        recal(quantized)
+        net = copy.deepcopy(net)
+        with torch.no_grad():
+            for buffer_name, buffer in quantized.named_buffers():
+                net.get_buffer(buffer_name).copy_(buffer)
     size = save_quantized(net, out, config, model_name=name, model_kwargs=kwargs)
     result = dict(run=str(folder), path=str(out), model=name, model_kwargs=kwargs, bits=bits,
                   group_size=group_size if bits == 4 else None, params=model_size(net),
@@ -191,6 +214,10 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
         result['fp32_top1_error'] = evaluate_fn(net)
         result['quantized_top1_error'] = evaluate_fn(load_quantized(out))
         result['eval_examples'] = examples
+    if recal is not None:
+        result['recalibration'] = dict(batches=recalibrate, batch_size=batch)
+        if before is not None:
+            result['quantized_top1_error_before'] = before
     return result
 
 

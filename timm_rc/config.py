@@ -20,7 +20,7 @@ import yaml
 from .errors import UserError
 
 __all__ = ['TrainConfig', 'UserError', 'INIT_KWARGS', 'load_config', 'paper_epochs', 'config_help', 'wants_help',
-           'config_defaults']
+           'config_defaults', 'file_settings']
 
 
 # model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
@@ -99,6 +99,10 @@ class TrainConfig:
     log_interval: int = _key(OUTPUT, 50, 'progress-bar refresh in steps (reads values without a host sync)')
     keep_checkpoints: int = _key(OUTPUT, 2, 'newest complete checkpoints kept')
     resume: Optional[str] = _key(OUTPUT, None, "'auto' (newest complete checkpoint in output_dir) or a path")
+    # set by load_config from --config, not by hand: the experiment's file and the values it gave, which the
+    # results table compares the run with (run_config.json records both)
+    config_file: Optional[str] = field(default=None, metadata={'group': OUTPUT, 'help': '', 'recorded': True})
+    config_values: Dict[str, Any] = field(default_factory=dict, metadata={'group': OUTPUT, 'help': '', 'recorded': True})
 
     def resolved_output_dir(self) -> Path:
         """ output_dir with {seed}, {model} and {dataset} filled in (one folder per seed in sweeps). """
@@ -146,6 +150,7 @@ def paper_epochs(depth: Optional[int]) -> int:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+SETTABLE = [name for name, f in _FIELDS.items() if not f.metadata.get('recorded')]
 
 
 def _type_name(tp) -> str:
@@ -229,14 +234,14 @@ def _apply(cfg: Dict[str, Any], updates: Dict[str, Any], source: str, from_cli: 
     hints = typing.get_type_hints(TrainConfig)
     for key, value in updates.items():
         key, dot, sub = key.partition('.')
-        if key not in _FIELDS:
+        if key not in _FIELDS or (_FIELDS[key].metadata.get('recorded') and source != 'recorded'):
             raise UserError(
-                f'unknown config key {key!r} in {source}; valid keys: {", ".join(sorted(_FIELDS))}')
+                f'unknown config key {key!r} in {source}; valid keys: {", ".join(sorted(SETTABLE))}')
         is_mapping = typing.get_origin(hints[key]) in (dict, Dict)
         if dot:
             if not is_mapping or not sub:
                 raise UserError(f'config key {key + dot + sub!r} in {source}: only mappings '
-                                f'({", ".join(k for k in _FIELDS if typing.get_origin(hints[k]) in (dict, Dict))}) '
+                                f'({", ".join(k for k in SETTABLE if typing.get_origin(hints[k]) in (dict, Dict))}) '
                                 f'take a dotted entry such as model_kwargs.width')
             if from_cli and isinstance(value, str):
                 try:
@@ -321,6 +326,8 @@ def config_help(prog: str = 'train.py') -> str:
     defaults = TrainConfig()
     group = None
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get('recorded'):  # set by --config, not a key to give
+            continue
         if f.metadata['group'] != group:
             group = f.metadata['group']
             lines += ['', f'{group}:']
@@ -337,7 +344,8 @@ def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None,
     cli = parse_cli(argv)
     values = dataclasses.asdict(TrainConfig())
     if base:
-        _apply(values, {k: v for k, v in base.items() if k in _FIELDS}, base_source, from_cli=False)
+        _apply(values, {k: v for k, v in base.items() if k in SETTABLE}, base_source, from_cli=False)
+        _apply(values, {k: v for k, v in base.items() if k in _FIELDS and k not in SETTABLE}, 'recorded', from_cli=False)
     path = cli.pop('config', None)
     if path is not None:
         p = Path(path)
@@ -350,10 +358,23 @@ def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None,
         if not isinstance(data, dict):
             raise UserError(f'config file {path} must hold a mapping of keys to values')
         _apply(values, data, f'config file {path}', from_cli=False)
+        values['config_file'], values['config_values'] = str(path), data
     _apply(values, cli, 'the command line', from_cli=True)
     cfg = TrainConfig(**values)
     _validate(cfg)
     return cfg
+
+
+def file_settings(values: Dict[str, Any]) -> Dict[str, Any]:
+    """ Every key's value for a run made from a config file that gave `values` with nothing on top (the
+    defaults, the file's values typed as the trainer reads them: YAML's '1e-4' is 0.0001). A key the code no
+    longer knows is left out. """
+    out = config_defaults()
+    try:
+        _apply(out, {k: v for k, v in values.items() if k in SETTABLE}, 'the recorded config file', from_cli=False)
+    except UserError:
+        pass
+    return out
 
 
 def config_defaults() -> Dict[str, Any]:

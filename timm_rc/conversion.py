@@ -15,12 +15,17 @@ layer hyper-parameters: the modules' reprs, stochastic-depth rates aside) become
 * a block's stochastic depth (`drop_path`, timm's convention) stays per step.
 
     model = timm.create_model('resnet50')                 # 25,557,032 params
-    report = timm_rc.convert_to_rc(model)                 # in place; 16,017,448 params
-    print(report)                                         # what was shared
+    model = timm_rc.convert_to_rc(model, return_report=False)   # in place; 16,017,448 params
+    print(model.rc_conversion)                            # what was shared
+
+`convert_to_rc` converts in place and sets `model.rc_conversion` (an `RCConversion`). It returns that report
+today (as in 0.2.0, with a FutureWarning); from timm_rc 0.4 it returns the model, as timm's model surgery does
+(`convert_sync_batchnorm`). `return_report=False` gives the model now, `return_report=True` the report, either
+without the warning.
 
 The state_dict then lists each shared tensor once (under the cell's `steps.0`), so safetensors files hold it
-once. `RCConversion` (the return value) says which runs were shared and the parameter counts; a network
-with nothing to share is left as it was, with a warning.
+once. `RCConversion` says which runs were shared and the parameter counts; a network with nothing to share is
+left as it was, with a warning.
 """
 import re
 import warnings
@@ -223,8 +228,11 @@ def convert_to_rc(
         input_size: Optional[Sequence[int]] = None,
         init: str = 'first',
         rank: Optional[int] = None,
-) -> RCConversion:
-    """ Turn `model` into an RC network, in place (see the module docstring); returns what was shared.
+        return_report: Optional[bool] = None,
+) -> Union[RCConversion, nn.Module]:
+    """ Turn `model` into an RC network, in place (see the module docstring); `model.rc_conversion` says what
+    was shared. Returns the model with `return_report=False`, the report with True; None (today's default)
+    returns the report with a FutureWarning: from timm_rc 0.4 the default returns the model.
 
     Args:
         model: a built network; its runs of identical blocks are found by one forward pass of a zero
@@ -241,6 +249,18 @@ def convert_to_rc(
             rank-r correction initialised from the truncated SVD of (block i's weight - the shared weight), so
             that at full rank the network computes what it computed before (biases stay shared).
     """
+    if return_report is None:
+        warnings.warn('convert_to_rc() returns the converted model from timm_rc 0.4, as timm\'s model surgery does '
+                      '(model = convert_to_rc(model); the report is model.rc_conversion); pass return_report=False '
+                      'for the model now, or return_report=True to keep the report, without this warning',
+                      FutureWarning, stacklevel=2)
+    report = _convert(model, bn_sharing, steps, bn_policy, input_size, init, rank)
+    model.rc_conversion = report
+    return model if return_report is False else report
+
+
+def _convert(model: nn.Module, bn_sharing: str, steps, bn_policy: str, input_size, init: str,
+             rank: Optional[int]) -> RCConversion:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f'rank must be an int >= 0 (0 or None: strict sharing), got {rank!r}')
     if bn_sharing not in BN_SHARING:

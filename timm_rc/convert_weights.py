@@ -87,7 +87,7 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # nothing to share: said below as an error
-            report = convert_to_rc(net, bn_sharing=bn_sharing, steps=steps, init=init, rank=rank)
+            report = convert_to_rc(net, bn_sharing=bn_sharing, steps=steps, init=init, rank=rank, return_report=True)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not report.runs:

@@ -5,7 +5,10 @@ only runs whose configurations differ in the seed alone: model, model kwargs, da
 (planned and completed), training and test examples, batch size and every optimisation and precision
 setting of `run_config.json` (lr, milestones, clipping, warm-up, label smoothing, max_steps, mixed
 precision, loader, compile, ...). What differs from the paper's protocol, or between rows that are
-otherwise equal, is listed in the `setting` column (e.g. `epochs 15, lr_milestones 8,12, clip none`).
+otherwise equal, is listed in the `setting` column (e.g. `epochs 15, lr_milestones 8,12, clip none`). A run
+started from an experiment's file (`--config FILE`, recorded in run_config.json) is compared with that file
+instead: the column names the file and what the run changed on top of it (and of the defaults for keys the
+file leaves alone), e.g. `config rc4_cifar10.yaml, max_train_samples 1024`.
 Each row gives the mean and standard deviation of the final test top-1 error over distinct seeds
 next to the paper's number (mean of 3 runs on the lossless CIFAR; ours on whatever data the runs
 used). A seed run more than once in one row counts once, with its newest run (by the time
@@ -24,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .config import INIT_KWARGS
+from .config import INIT_KWARGS, file_settings
 from .errors import UserError
 from .formatting import format_table
 from .runs import Run, walk_runs
@@ -55,11 +58,16 @@ PAPER_EPOCHS = {'rc1_cifar': 120, 'rc2_cifar': 120, 'rc2_unshared_cifar': 120, '
                 'rc4_unshared_cifar': 160}
 CIFAR_EXAMPLES = dict(train_examples=50_000, eval_examples=10_000)
 # run_config.json keys that do not change what is trained and measured (or are columns already)
-IGNORED = {'seed', 'data', 'teacher_identity', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
+IGNORED = {'seed', 'data', 'teacher_identity', 'config_file', 'config_values', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
            'project', 'eval_batch_size', 'num_threads', 'data_dir', 'dataset', 'model', 'model_kwargs', 'params',
            # their effect is in the summary's train_examples / eval_examples / global_batch_size
            'max_train_samples', 'max_eval_samples', 'batch_size'}
 SUMMARY_KEYS = ('epochs', 'epochs_completed', 'train_examples', 'eval_examples', 'global_batch_size')
+# keys a run changes on top of its experiment's file that the setting column names (the others are columns,
+# or do not change what is trained and measured)
+FILE_COMPARED_IGNORED = (IGNORED - {'max_train_samples', 'max_eval_samples', 'batch_size', 'data_dir', 'dataset'}) | {
+    'config_file', 'config_values', 'teacher_identity', 'params', 'num_processes', 'loader', 'channels_last',
+    'model', 'model_kwargs'}
 SHORT = {'clip_grad_value': 'clip', 'global_batch_size': 'batch', 'init': 'init from', 'teacher': 'distilled from'}
 ORDER = ['epochs', 'train_examples', 'eval_examples', 'global_batch_size', 'lr', 'lr_milestones', 'lr_gamma',
          'momentum', 'weight_decay', 'warmup_epochs', 'clip_grad_value', 'label_smoothing', 'max_steps',
@@ -131,6 +139,25 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _changes_to_file(cfg: dict) -> Optional[Dict[str, Any]]:
+    """ {key: the run's value} for what a run started from an experiment's file (`config_file`) changed: the
+    keys the file sets, against the file's values, and the others against their defaults. None without a file. """
+    if not cfg.get('config_file'):
+        return None
+    expected = file_settings(cfg.get('config_values') or {})
+    changed = {}
+    for k, v in cfg.items():
+        if k in FILE_COMPARED_IGNORED or k not in expected:
+            continue
+        if (k, expected[k]) in (('epochs', None), ('mixed_precision', 'auto')):  # resolved by the trainer
+            continue
+        if k == 'data_dir' and v is not None and expected[k] is not None and Path(v).name == Path(expected[k]).name:
+            continue  # the same dataset, spelled from another folder
+        if json.dumps(v, sort_keys=True, default=str) != json.dumps(expected[k], sort_keys=True, default=str):
+            changed[k] = v
+    return changed
+
+
 def _order(key: str):
     return (ORDER.index(key), '') if key in ORDER else (len(ORDER), key)
 
@@ -164,6 +191,10 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
             setting['run_config'] = 'missing'
         else:
             setting.update({k: cfg[k] for k in common})
+        file_changes = _changes_to_file(cfg) if cfg is not None else None
+        if file_changes is not None:
+            setting['config'] = Path(cfg['config_file']).name
+            setting['changed'] = file_changes
         if isinstance(init, dict) and init.get('file'):
             setting['init'] = Path(init['file']).name
         if cfg is not None and cfg.get('teacher') is not None:  # distilled: from which network (its weights' digest)
@@ -201,13 +232,17 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
             protocol['epochs'] = PAPER_EPOCHS[key[0]]
         if dataset in ('cifar10', 'cifar100'):
             protocol.update(CIFAR_EXAMPLES)
-        shown = {k for k, v in protocol.items() if k in setting and setting[k] != v}
+        if 'config' in setting:  # the experiment's file is the reference: what the run changed on top of it
+            shown = {'config'} | set(setting['changed'])
+        else:
+            shown = {k for k, v in protocol.items() if k in setting and setting[k] != v}
+            shown |= varying[sig[:3]] - {'epochs_completed', 'changed', 'config'}
         shown |= {k for k in ('init', 'sample_steps', 'teacher') if setting.get(k) is not None}
-        shown |= varying[sig[:3]] - {'epochs_completed'}
         shown -= {k for k in ('init', 'sample_steps', 'teacher') if setting.get(k) is None}  # from scratch, fixed steps
         if setting.get('teacher') is None:  # the distillation settings say nothing without a teacher
             shown -= {'distill_alpha', 'distill_temperature', 'teacher_model', 'teacher_model_kwargs'}
-        described = ', '.join(f'{SHORT.get(k, k)} {_fmt(setting.get(k))}' for k in sorted(shown, key=_order))
+        described = ', '.join(f'{SHORT.get(k, k)} {_fmt(setting.get(k, (setting.get("changed") or {}).get(k)))}'
+                              for k in sorted(shown, key=lambda k: (k != 'config', _order(k))))
 
         # one run per seed: the newest of a seed run more than once
         by_seed: Dict[Any, List[dict]] = defaultdict(list)

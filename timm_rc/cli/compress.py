@@ -56,6 +56,8 @@ def _parser() -> ArgumentParser:
     q.add_argument('run', metavar='RUN', help='a run folder holding model.safetensors')
     q.add_argument('--bits', type=int, required=True, help='8 (per output channel) or 4 (grouped)')
     q.add_argument('--group_size', type=int, default=DEFAULT_GROUP_SIZE, help='int4 group size (default 32)')
+    q.add_argument('--recalibrate', type=int, metavar='N', help='re-estimate the BN statistics of the quantized network '
+                                                                'from N training batches and write them into the file')
     data_options(q)
 
     s = sub.add_parser('int8', help='static int8 (PT2E, X86InductorQuantizer) against fp32: error and CPU latency')
@@ -99,6 +101,11 @@ def _quantize_text(r: Dict[str, Any]) -> str:
              f'  {"int" + str(r["bits"]):<10}{r["quantized_bytes"]:>12,}'
              f'{_err(r.get("quantized_top1_error")) + "%" if "quantized_top1_error" in r else "n/a":>14}',
              f'  {r["fp32_bytes"] / r["quantized_bytes"]:.2f}x smaller']
+    if 'recalibration' in r:
+        before = (f'; int{r["bits"]} before it: {r["quantized_top1_error_before"]:.2f}%'
+                  if 'quantized_top1_error_before' in r else '')
+        lines.append(f'  BN statistics re-estimated from {r["recalibration"]["batches"]} training batches of '
+                     f'{r["recalibration"]["batch_size"]}{before}')
     if 'fp32_top1_error' not in r:
         lines.append('  (no test data: pass --data_dir to measure the error)')
     return '\n'.join(lines)
@@ -150,7 +157,7 @@ def main(argv: Sequence[str]):
                                group_size=args.group_size, batch_size=args.batch_size, plain=not args.no_plain, **data)
         text = json.dumps(result) if args.json else report_table(result, args.markdown)
     elif args.command == 'quantize':
-        result = quantize_run(args.run, args.bits, group_size=args.group_size, **data)
+        result = quantize_run(args.run, args.bits, group_size=args.group_size, recalibrate=args.recalibrate, **data)
         text = json.dumps(result) if args.json else _quantize_text(result)
     else:
         result = int8_run(args.run, calibration_batches=args.calibration_batches, batch_size=args.batch_size,

@@ -51,7 +51,7 @@ def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independe
     else:  # the base's weights (hub, file), converted below
         model = timm.create_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     model.rc_conversion = convert_to_rc(model, bn_sharing=bn_sharing, steps=steps, bn_policy=bn_policy, init=init,
-                                        rank=rank)
+                                        rank=rank, return_report=True)
     cfg = dict(model.pretrained_cfg, architecture=f'rc_{base}')
     model.pretrained_cfg = model.default_cfg = cfg
     if converted is not None:

@@ -293,7 +293,11 @@ def _set_cpu_threads(cfg: TrainConfig) -> Optional[str]:
 RESUME_MAY_CHANGE = frozenset((
     'epochs', 'max_steps', 'log_with', 'project', 'run_name', 'log_interval', 'log_model', 'keep_checkpoints',
     'resume', 'eval_batch_size', 'num_threads', 'compile', 'compile_mode', 'data_dir', 'output_dir',
-    'num_processes', 'params', 'loader', 'num_workers', 'mixed_precision', 'channels_last', 'sync_bn'))
+    'num_processes', 'params', 'loader', 'num_workers', 'mixed_precision', 'channels_last', 'sync_bn',
+    'config_file', 'config_values'))
+
+
+_RECORDED = {'params', 'num_processes', 'resume', 'config_file', 'config_values'}  # not keys a user changes
 
 
 def _check_same_run(run: Run, run_config: Dict[str, Any]) -> None:
@@ -316,7 +320,7 @@ def _check_same_run(run: Run, run_config: Dict[str, Any]) -> None:
     if diffs:
         raise UserError(f'cannot resume {saved_file.parent}: its settings differ ({"; ".join(diffs)}). Resume with '
                         f'the run\'s own settings (see {saved_file}) or start a new output_dir; these may change on '
-                        f'resume: {", ".join(sorted(RESUME_MAY_CHANGE - {"params", "num_processes", "resume"}))}')
+                        f'resume: {", ".join(sorted(RESUME_MAY_CHANGE - _RECORDED))}')
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
