@@ -243,3 +243,19 @@ def test_eval_with_recalibration_over_steps(teacher_run, tmp_path, capsys):
     assert one['top1_error_before'] == plain['top1_error'] and one['recalibration']['batches'] == 2
     err = exits_2(main, [str(rc), '--recalibrate_augment'], capsys)
     assert 'add --recalibrate N' in err
+
+
+def test_quantize_with_recalibration_writes_the_new_statistics_and_keeps_the_fp32_error(teacher_run, tmp_path):
+    from timm_rc.compression import quantize_run
+    from timm_rc.quantize import load_quantized
+    _, teacher = teacher_run
+    plain = quantize_run(str(teacher), 8)
+    recal = quantize_run(str(teacher), 8, recalibrate=2)
+    assert recal['fp32_top1_error'] == plain['fp32_top1_error']  # the run's own model, untouched
+    assert recal['quantized_top1_error_before'] == plain['quantized_top1_error']
+    assert recal['recalibration'] == {'batches': 2, 'batch_size': 16}
+    written = load_quantized(teacher / 'model.int8.safetensors').state_dict()
+    fp32 = load_file(str(teacher / 'model.safetensors'))
+    assert not torch.equal(written['cell1.steps.0.bn1.running_mean'], fp32['cell1.steps.0.bn1.running_mean'])
+    with pytest.raises(UserError, match='--recalibrate takes a number of training batches >= 1'):
+        quantize_run(str(teacher), 8, recalibrate=0)

@@ -202,11 +202,13 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
         if evaluate_fn is not None:
             before = evaluate_fn(quantized.eval())
         recal(quantized)
-        net = copy.deepcopy(net)
+        written = copy.deepcopy(net)  # the fp32 weights with the quantized network's BN statistics
         with torch.no_grad():
             for buffer_name, buffer in quantized.named_buffers():
-                net.get_buffer(buffer_name).copy_(buffer)
-    size = save_quantized(net, out, config, model_name=name, model_kwargs=kwargs)
+                written.get_buffer(buffer_name).copy_(buffer)
+    else:
+        written = net
+    size = save_quantized(written, out, config, model_name=name, model_kwargs=kwargs)
     result = dict(run=str(folder), path=str(out), model=name, model_kwargs=kwargs, bits=bits,
                   group_size=group_size if bits == 4 else None, params=model_size(net),
                   fp32_bytes=(folder / Run.WEIGHTS).stat().st_size, quantized_bytes=size)

@@ -11,7 +11,8 @@ the last epoch by default). `curves`: training loss and test error against epoch
 folder; epochs and channels get integer ticks. `bn_figures` and `curves_figure` return the matplotlib
 figures, `plot_bn` and `plot_curves` write them as PNG files. `steps_figure` / `plot_steps` draw the
 cost-adjustable inference of the extended version from `python -m timm_rc.eval --steps` reports: test
-error against FLOPs per image, one line per run, each point labelled with its k'.
+error against FLOPs per image, one line per run, each point labelled with its k'. `tradeoff_figure` / `plot_tradeoff` draw the compression trade-off: test error
+against unique parameters, one point per row of the results table (mean ± std over seeds).
 """
 import json
 import re
@@ -22,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import UserError
 from .runs import Run
 
-__all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label']
+__all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label',
+           'tradeoff_figure', 'plot_tradeoff']
 
 STAT_TITLES = {'running_mean': 'running mean', 'running_var': 'running variance', 'weight': 'gamma',
                'bias': 'beta'}
@@ -172,3 +174,37 @@ def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
 def plot_steps(reports: Sequence[Dict], out: Path) -> Path:
     """ `steps_figure` as a PNG at `out`. """
     return _save(steps_figure(reports), out, bbox_inches='tight')
+
+
+def _distinct(parts: List[List[str]]) -> List[List[str]]:
+    """ Each list without the items every list has. """
+    common = set.intersection(*map(set, parts)) if parts else set()
+    return [[p for p in ps if p not in common] for ps in parts]
+
+
+def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
+    """ Test error (mean ± std over seeds) against unique parameters, one point per row of
+    `timm_rc.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
+    row shares. """
+    if not rows:
+        raise UserError('no runs to plot: give folders that hold finished runs (summary.json)')
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    kwargs = _distinct([[f'{k} {v}' for k, v in json.loads(r['kwargs'] or '{}').items()] for r in rows])
+    settings = _distinct([[p for p in r['setting'].split(', ') if p] for r in rows])
+    for i, (r, kw, st) in enumerate(zip(rows, kwargs, settings), 1):
+        label = ', '.join([r['name'], *kw, *st]) + (f' ({r["runs"]} runs)' if r['runs'] > 1 else '')
+        ax.errorbar(r['params'], r['mean'], yerr=r['std'] or 0, marker='o', capsize=3, linestyle='none',
+                    label=f'{i}: {label}: {r["mean"]:.2f} %')
+        ax.annotate(str(i), (r['params'], r['mean']), textcoords='offset points', xytext=(5, 3), fontsize=8)
+    ax.set(xlabel='unique parameters', ylabel='test top-1 error (%)',
+           title='compression trade-off: test error against parameters (mean ± std over seeds)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.16))  # below: the points stay visible
+    fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(rows: Sequence[Dict], out: Path) -> Path:
+    """ `tradeoff_figure` as a PNG at `out`. """
+    return _save(tradeoff_figure(rows), out, bbox_inches='tight')

@@ -32,7 +32,7 @@ from .errors import UserError
 from .formatting import format_table
 from .runs import Run, walk_runs
 
-__all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table']
+__all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table', 'result_rows']
 
 # (model, bn_sharing) -> {dataset: test error %}; paper-notes.md, Tables 1 and 2
 PAPER: Dict[Tuple[str, str], Dict[str, float]] = {
@@ -165,6 +165,20 @@ def _order(key: str):
 def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callable[[str], None]] = None) -> str:
     """ One row per configuration (runs that differ in the seed alone), as text or Markdown. A seed run
     more than once in a row is said to `on_warning` (the row shows it as `0,0!`). """
+    header = ['model', 'kwargs', 'dataset', 'setting', 'runs', 'seeds', 'epochs', 'params', 'test err % (ours)',
+              'paper']
+    rows = []
+    for r in result_rows(runs, on_warning):
+        spread = f' ± {r["std"]:.2f}' if r['std'] is not None else ''
+        rows.append([r['name'], r['kwargs'], r['dataset'], r['setting'], str(r['runs']), r['seeds'], r['epochs'],
+                     f'{r["params"]:,}', f'{r["mean"]:.2f}{spread}', '' if r['paper'] is None else f'{r["paper"]:.2f}'])
+    return format_table(header, rows, markdown, numeric=[False] * len(header))
+
+
+def result_rows(runs: List[dict], on_warning: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+    """ The rows of `table` as dicts: name, kwargs (JSON text, '' for none), dataset, setting, runs, seeds
+    (text), epochs (text), params, mean and std (None for one run) of the test error %, paper (or None),
+    errors (one per counted run). """
     rc_models = _rc_models()
     configs = [_run_config(r) for r in runs]
     # keys every run_config.json has (a key an older trainer did not write is not compared)
@@ -216,8 +230,6 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
             if len({json.dumps(settings[s].get(k), default=str) for s in sigs}) > 1:
                 varying[ident].add(k)
 
-    header = ['model', 'kwargs', 'dataset', 'setting', 'runs', 'seeds', 'epochs', 'params', 'test err % (ours)',
-              'paper']
     rows = []
     # rows of one model, kwargs and dataset together, the most complete first
     order = sorted(groups, key=lambda sig: (sig[:3], -(settings[sig].get('epochs_completed') or 0), sig[3]))
@@ -267,13 +279,13 @@ def table(runs: List[dict], markdown: bool = False, on_warning: Optional[Callabl
                 seeds.append(_fmt(seed))
         r0 = rs[0]
         errs = [r['test_top1_error'] for r in chosen]
-        spread = f' ± {statistics.stdev(errs):.2f}' if len(errs) > 1 else ''
         # the paper's number beside runs of the same network, also at another width or block style
         # (the setting and kwargs columns say how the run differs); another step count is another network
         same_net = extra in ('{}', '') or set(json.loads(extra)) <= SAME_NETWORK_KWARGS
         paper: Optional[float] = PAPER.get(key, {}).get(dataset) if same_net else None
-        rows.append([name, '' if extra in ('{}', '') else extra, dataset, described, str(len(chosen)),
-                     ','.join(seeds), f"{r0.get('epochs_completed', '?')}/{r0.get('epochs', '?')}",
-                     f"{r0['params']:,}",
-                     f'{statistics.mean(errs):.2f}{spread}', '' if paper is None else f'{paper:.2f}'])
-    return format_table(header, rows, markdown, numeric=[False] * len(header))
+        rows.append(dict(name=name, kwargs='' if extra in ('{}', '') else extra, dataset=dataset, setting=described,
+                         runs=len(chosen), seeds=','.join(seeds),
+                         epochs=f"{r0.get('epochs_completed', '?')}/{r0.get('epochs', '?')}", params=r0['params'],
+                         mean=statistics.mean(errs), std=statistics.stdev(errs) if len(errs) > 1 else None,
+                         paper=paper, errors=errs))
+    return rows

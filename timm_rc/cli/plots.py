@@ -3,13 +3,18 @@
     python -m timm_rc.plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4 (default RUN_DIR/plots)
     python -m timm_rc.plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2 (default RUN_DIR/plots/curves.png)
     python -m timm_rc.eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
+    python -m timm_rc.plots tradeoff ROOT [ROOT ...] --out F        # test error against parameters, a point per
+                                                                    # row of python -m timm_rc.results ROOT ...
 
-A thin layer over `timm_rc.figures` (`plot_bn`, `plot_curves`).
+A thin layer over `timm_rc.figures` (`plot_bn`, `plot_curves`, `plot_tradeoff`) and `timm_rc.tables`.
 """
 from pathlib import Path
 from typing import Sequence
 
-from ..figures import plot_bn, plot_curves
+import sys
+
+from ..figures import plot_bn, plot_curves, plot_tradeoff
+from ..tables import collect, result_rows
 from .common import ArgumentParser, command, run
 
 __all__ = ['main']
@@ -26,8 +31,15 @@ def main(argv: Sequence[str]) -> None:
     p_c = sub.add_parser('curves', help="training loss and test error against epochs (Figure 2)")
     p_c.add_argument('run_dirs', type=Path, nargs='+')
     p_c.add_argument('--out', type=Path, default=None, help='default: plots/curves.png in the first run folder')
+    p_t = sub.add_parser('tradeoff', help='test error against unique parameters, a point per results-table row')
+    p_t.add_argument('roots', type=Path, nargs='+', help='run folders, or folders below which runs lie')
+    p_t.add_argument('--out', type=Path, required=True, help='the PNG to write')
     args = parser.parse_args(argv)
-    if args.cmd == 'bn':
+    if args.cmd == 'tradeoff':
+        def say(line):
+            print(line, file=sys.stderr)
+        print(plot_tradeoff(result_rows(collect(args.roots, on_skip=say), on_warning=say), args.out))
+    elif args.cmd == 'bn':
         for p in plot_bn(args.run_dir, args.epoch, args.out):
             print(p)
     else:
