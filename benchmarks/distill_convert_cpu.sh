@@ -21,11 +21,11 @@ for SEED in "${@:-0}"; do
 done
 mkdir -p runs/converted
 for INIT in first average; do
-  for AUG in "" --recalibrate_augment; do
-    python3 -m timm_rc.convert $TEACHER --init $INIT --recalibrate 50 $AUG --num_threads 1 --json \
-        --output runs/converted/rc4_${INIT}_recal${AUG:+_aug}.safetensors > $OUT/convert_${INIT}_recal50${AUG:+_aug}.json
+  for AUG in plain augmented; do
+    python3 -m timm_rc.convert $TEACHER --init $INIT --recalibrate 50 --recalibrate_data $AUG --num_threads 1 --json \
+        --output runs/converted/rc4_${INIT}_recal_$AUG.safetensors > $OUT/convert_${INIT}_recal50_$AUG.json
   done
-  FILE=runs/converted/rc4_${INIT}_recal.safetensors
+  FILE=runs/converted/rc4_${INIT}_recal_plain.safetensors
   START='{"width": 8, "block": "postact", "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
   for HOW in ft5 kd5; do
     R=rc4_from_resnet18_${INIT}_recal_${HOW}/seed0

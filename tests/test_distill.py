@@ -241,8 +241,8 @@ def test_eval_with_recalibration_over_steps(teacher_run, tmp_path, capsys):
     assert rows[1]['top1_error_before'] == plain['top1_error']  # every k' starts from the trained statistics
     one = json_result(main, [str(rc), '--recalibrate', '2'], capsys)
     assert one['top1_error_before'] == plain['top1_error'] and one['recalibration']['batches'] == 2
-    err = exits_2(main, [str(rc), '--recalibrate_augment'], capsys)
-    assert 'add --recalibrate N' in err
+    err = exits_2(main, [str(rc), '--recalibrate_data', 'augmented'], capsys)
+    assert '--recalibrate_data applies to BN re-estimation: add --recalibrate N' in err
 
 
 def test_quantize_with_recalibration_writes_the_new_statistics_and_keeps_the_fp32_error(teacher_run, tmp_path):
@@ -253,7 +253,7 @@ def test_quantize_with_recalibration_writes_the_new_statistics_and_keeps_the_fp3
     recal = quantize_run(str(teacher), 8, recalibrate=2)
     assert recal['fp32_top1_error'] == plain['fp32_top1_error']  # the run's own model, untouched
     assert recal['quantized_top1_error_before'] == plain['quantized_top1_error']
-    assert recal['recalibration'] == {'batches': 2, 'batch_size': 16}
+    assert recal['recalibration'] == {'batches': 2, 'batch_size': 16, 'augmented': True}  # measured the better
     written = load_quantized(teacher / 'model.int8.safetensors').state_dict()
     fp32 = load_file(str(teacher / 'model.safetensors'))
     assert not torch.equal(written['cell1.steps.0.bn1.running_mean'], fp32['cell1.steps.0.bn1.running_mean'])

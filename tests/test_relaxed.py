@@ -187,3 +187,21 @@ def test_unroll_with_rank_on_a_timm_block_and_bn_groups():
 def test_bad_ranks(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_timm_contract_with_corrections():
+    model = timm.create_model('rc4_cifar', width=4, rank=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, feats)
+    assert len(inter) == 2 * 4 + 1  # the stem and every step
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+    fo = timm.create_model('rc4_cifar', width=4, rank=2, features_only=True)
+    assert [f.shape[1] for f in fo(x)] == [4, 4, 16]
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    sampled = timm.create_model('rc4_cifar', width=4, rank=1, drop_path_rate=0.2).train()
+    sampled.set_steps(3)
+    sampled(x).sum().backward()

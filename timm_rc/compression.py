@@ -170,11 +170,12 @@ def _need_run_folder(run: str, command: str) -> None:
 
 def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE, dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, max_samples: Optional[int] = None,
-                 recalibrate: Optional[int] = None) -> Dict[str, Any]:
+                 recalibrate: Optional[int] = None, recalibrate_augment: bool = True) -> Dict[str, Any]:
     """ Write RUN/model.int{bits}.safetensors (never touching model.safetensors) and measure both: file
     bytes and, where there is test data, the fp32 and quantized test error. `recalibrate` N: re-estimate the
-    BN statistics of the quantized network from N training batches (`timm_rc.recalibrate_bn`) and write those
-    into the file (the BN buffers stay fp32); the result then also holds the error before it. """
+    BN statistics of the quantized network from N training batches (`timm_rc.recalibrate_bn`; augmented by
+    default, the better measured, docs/compression.md) and write those into the file (the BN buffers stay fp32);
+    the result then also holds the error before it. """
     if bits not in (8, 4):
         raise UserError(f'--bits must be 8 or 4, got {bits}')
     if group_size < 1:
@@ -189,7 +190,7 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
     if recalibrate is not None:
         ds, dd = run_dataset(run, dataset, data_dir)
         batch = (run.config().get('batch_size') if run is not None else None) or 128
-        recal = recalibrator(net, ds, dd, recalibrate, batch)
+        recal = recalibrator(net, ds, dd, recalibrate, batch, recalibrate_augment)
     evaluate_fn = None
     if run is not None or data_dir or dataset:
         evaluate_fn, examples = test_error_fn(run, net, dataset, data_dir, max_samples)
@@ -217,7 +218,7 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
         result['quantized_top1_error'] = evaluate_fn(load_quantized(out))
         result['eval_examples'] = examples
     if recal is not None:
-        result['recalibration'] = dict(batches=recalibrate, batch_size=batch)
+        result['recalibration'] = dict(batches=recalibrate, batch_size=batch, augmented=recalibrate_augment)
         if before is not None:
             result['quantized_top1_error_before'] = before
     return result

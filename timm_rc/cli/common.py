@@ -112,3 +112,22 @@ def positive(**values: Optional[int]) -> None:
     for key, value in values.items():
         if value is not None and value < 1:
             raise UserError(f'--{key} must be >= 1, got {value}')
+
+
+RECALIBRATION_DATA = ('plain', 'augmented')
+
+
+def add_recalibrate_options(parser: argparse.ArgumentParser, default_data: str, what: str) -> None:
+    """ --recalibrate N and --recalibrate_data (the command's measured default, docs/compression.md). """
+    parser.add_argument('--recalibrate', type=int, metavar='N',
+                        help=f're-estimate every BN layer\'s running statistics from N training batches {what}')
+    parser.add_argument('--recalibrate_data', choices=RECALIBRATION_DATA,
+                        help=f'with --recalibrate: training images as they are (plain) or with the trainer\'s crop '
+                             f'and flip (augmented); default {default_data}, the better one measured here')
+
+
+def recalibration(args: argparse.Namespace, default_data: str):
+    """ (N or None, augmented) from the options of `add_recalibrate_options`. """
+    if args.recalibrate_data is not None and args.recalibrate is None:
+        raise UserError('--recalibrate_data applies to BN re-estimation: add --recalibrate N (training batches)')
+    return args.recalibrate, (args.recalibrate_data or default_data) == 'augmented'

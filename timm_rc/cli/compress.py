@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..compression import int8_run, quantize_run, report_models
 from ..errors import UserError
 from ..quantize import BITS, DEFAULT_GROUP_SIZE
-from .common import ArgumentParser, add_threads_option, command, set_threads, format_table, int_list, json_object, positive, run
+from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, format_table, int_list, \
+    json_object, positive, recalibration, run, set_threads
 
 __all__ = ['main', 'report_table']
 
@@ -56,8 +57,7 @@ def _parser() -> ArgumentParser:
     q.add_argument('run', metavar='RUN', help='a run folder holding model.safetensors')
     q.add_argument('--bits', type=int, required=True, help='8 (per output channel) or 4 (grouped)')
     q.add_argument('--group_size', type=int, default=DEFAULT_GROUP_SIZE, help='int4 group size (default 32)')
-    q.add_argument('--recalibrate', type=int, metavar='N', help='re-estimate the BN statistics of the quantized network '
-                                                                'from N training batches and write them into the file')
+    add_recalibrate_options(q, 'augmented', 'for the quantized weights, written into the file')
     data_options(q)
 
     s = sub.add_parser('int8', help='static int8 (PT2E, X86InductorQuantizer) against fp32: error and CPU latency')
@@ -104,8 +104,9 @@ def _quantize_text(r: Dict[str, Any]) -> str:
     if 'recalibration' in r:
         before = (f'; int{r["bits"]} before it: {r["quantized_top1_error_before"]:.2f}%'
                   if 'quantized_top1_error_before' in r else '')
-        lines.append(f'  BN statistics re-estimated from {r["recalibration"]["batches"]} training batches of '
-                     f'{r["recalibration"]["batch_size"]}{before}')
+        rc = r['recalibration']
+        lines.append(f'  BN statistics re-estimated from {rc["batches"]} training batches of {rc["batch_size"]}'
+                     f'{" (augmented)" if rc.get("augmented") else ""}{before}')
     if 'fp32_top1_error' not in r:
         lines.append('  (no test data: pass --data_dir to measure the error)')
     return '\n'.join(lines)
@@ -157,7 +158,9 @@ def main(argv: Sequence[str]):
                                group_size=args.group_size, batch_size=args.batch_size, plain=not args.no_plain, **data)
         text = json.dumps(result) if args.json else report_table(result, args.markdown)
     elif args.command == 'quantize':
-        result = quantize_run(args.run, args.bits, group_size=args.group_size, recalibrate=args.recalibrate, **data)
+        recalibrate, augmented = recalibration(args, 'augmented')
+        result = quantize_run(args.run, args.bits, group_size=args.group_size, recalibrate=recalibrate,
+                              recalibrate_augment=augmented, **data)
         text = json.dumps(result) if args.json else _quantize_text(result)
     else:
         result = int8_run(args.run, calibration_batches=args.calibration_batches, batch_size=args.batch_size,

@@ -15,8 +15,8 @@ from ..config import INIT_KWARGS
 from ..conversion import RCConversion
 from ..convert_weights import convert_weights
 from ..models.rc_timm import RC_FAMILIES as RC_BASES
-from ..errors import UserError
-from .common import ArgumentParser, add_threads_option, command, int_list, json_object, run, set_threads
+from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, int_list, json_object, \
+    recalibration, run, set_threads
 
 __all__ = ['main']
 
@@ -34,10 +34,7 @@ def _parser() -> ArgumentParser:
                                                    "'average' (each tensor the mean over the blocks)")
     p.add_argument('--rank', type=int, help='relaxed sharing: per-step rank-r corrections from the SVD of each block\'s '
                                             'difference to the shared weights (default: none)')
-    p.add_argument('--recalibrate', type=int, metavar='N', help='re-estimate every BN layer\'s statistics from N training '
-                                                                'batches of the run\'s data after the conversion')
-    p.add_argument('--recalibrate_augment', action='store_true',
-                   help='with --recalibrate: the trainer\'s crop and flip on those batches (default: none)')
+    add_recalibrate_options(p, 'plain', "of the run's data after the conversion")
     p.add_argument('--no_eval', action='store_true', help='skip measuring a run folder\'s test error before and after')
     add_threads_option(p)
     p.add_argument('--json', action='store_true', help='print the report as JSON')
@@ -55,11 +52,10 @@ def main(argv: Sequence[str]) -> RCConversion:
     if args.steps:
         steps = int_list(args.steps, '--steps', '4 or 2,2,4', what='ints (one, or one per run)')
         steps = steps[0] if len(steps) == 1 else steps
-    if args.recalibrate_augment and args.recalibrate is None:
-        raise UserError('--recalibrate_augment applies to BN re-estimation: add --recalibrate N (training batches)')
+    recalibrate, augmented = recalibration(args, 'plain')
     converted = convert_weights(args.source, args.output, model=args.model, model_kwargs=json_object(args.model_kwargs),
                                 bn_sharing=args.bn_sharing, steps=steps, init=args.init, rank=args.rank,
-                                recalibrate=args.recalibrate, recalibrate_augment=args.recalibrate_augment,
+                                recalibrate=recalibrate, recalibrate_augment=augmented,
                                 measure=not args.no_eval)
     report, model, out, run_kwargs, untrained = (converted.report, converted.model, converted.output,
                                                  converted.model_kwargs, converted.untrained)

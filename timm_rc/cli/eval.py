@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Sequence, Union
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
 from ..figures import plot_steps
-from .common import ArgumentParser, add_threads_option, command, set_threads, int_list, json_object, run
+from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, int_list, json_object, \
+    recalibration, run, set_threads
 
 __all__ = ['main']
 
@@ -54,11 +55,7 @@ def _parser() -> ArgumentParser:
     p.add_argument('--bn_policy', help="with --steps: which trained step's BN layers serve each executed step, "
                                        "'spread' or 'first' (default: the model's bn_policy)")
     p.add_argument('--plot', help='with --steps: write a PNG of test error against FLOPs per image, one line per run')
-    p.add_argument('--recalibrate', type=int, metavar='N',
-                   help='re-estimate every BN layer\'s running statistics from N training batches first (per k\' with '
-                        '--steps); the error before it is shown beside')
-    p.add_argument('--recalibrate_augment', action='store_true',
-                   help='with --recalibrate: the trainer\'s crop and flip on those batches (default: none)')
+    add_recalibrate_options(p, 'plain', "first (per k' with --steps); the error before it is shown beside")
     return p
 
 
@@ -129,10 +126,8 @@ def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     set_threads(args.num_threads)
     options = dict(model=args.model, model_kwargs=json_object(args.model_kwargs), dataset=args.dataset,
                    data_dir=args.data_dir, split=args.split, batch_size=args.batch_size, max_samples=args.max_samples,
-                   device=args.device, mixed_precision=args.mixed_precision, recalibrate=args.recalibrate,
-                   recalibrate_augment=args.recalibrate_augment)
-    if args.recalibrate_augment and args.recalibrate is None:
-        raise UserError('--recalibrate_augment applies to BN re-estimation: add --recalibrate N (training batches)')
+                   device=args.device, mixed_precision=args.mixed_precision)
+    options['recalibrate'], options['recalibrate_augment'] = recalibration(args, 'plain')
     if args.steps is None:
         for option in ('bn_policy', 'plot'):
             if getattr(args, option) is not None:
