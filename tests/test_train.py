@@ -433,7 +433,9 @@ def test_config_precedence_and_parsing(tmp_path):
 def test_every_shipped_config_loads_and_sweeps_point_at_real_configs():
     import yaml
     configs = sorted((REPO / 'train_configs').glob('*.yaml'))
-    ours = ('fast_rc4_cifar10.yaml', 'cpu_demo.yaml', 'ours_rc4_cifar10.yaml')  # labelled as ours in the file
+    ours = ('fast_rc4_cifar10.yaml', 'cpu_demo.yaml', 'ours_rc4_cifar10.yaml',  # labelled as ours in the file
+            'rc4_rank1_cifar10.yaml', 'rc4_rank2_cifar10.yaml', 'rc4_rank4_cifar10.yaml', 'rc4_distilled_cifar10.yaml',
+            'rc4_rank2_distilled_cifar10.yaml')
     assert len(configs) == 14 + len(ours)
     for path in configs:
         cfg = load_config(['--config', str(path)])
