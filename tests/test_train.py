@@ -503,15 +503,18 @@ def test_command_line_mappings_merge_into_the_files(tmp_path):
     cfg = load_config(['--config', nobn, '--model_kwargs.width', '8', '--model_kwargs.block=postact',
                        '--model_kwargs', '{"bn_sharing": "shared"}'])
     assert cfg.model_kwargs == {'bn_sharing': 'shared', 'width': 8, 'block': 'postact'}  # the command line wins
-    with pytest.raises(UserError, match=r"config key 'epochs.x' in the command line: only mappings \(model_kwargs\)"):
+    with pytest.raises(UserError, match=r"config key 'epochs.x' in the command line: only mappings \(model_kwargs, teacher_model_kwargs\)"):
         load_config(['--epochs.x', '3'])
 
 
 def test_help_lists_every_key_with_type_default_and_comment(capsys):
     assert main(['--help']) is None and main(['-h']) is None
     out = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
-        assert f'  --{name} ' in out
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        # every key a user sets; config_file / config_values are recorded by --config, not given
+        assert (f'  --{name} ' in out) == (not f.metadata.get('recorded')), name
+    with pytest.raises(UserError, match="unknown config key 'config_values' in the command line"):
+        load_config(['--config_values', '{}'])
     assert '  --epochs int or null (default null)\n      None: 160 for depth > 10, 120 otherwise' in out
     assert '  --lr_milestones list of int (default [60, 90])' in out
     assert out.index('\nmodel:') < out.index('\ndata:') < out.index('\nspeed:')
