@@ -200,7 +200,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     ax.set(xlabel='unique parameters', ylabel='test top-1 error (%)',
            title='compression trade-off: test error against parameters (mean ± std over seeds)')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.16))  # below: the points stay visible
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.22))  # below: the points stay visible
     fig.tight_layout()
     return fig
 
