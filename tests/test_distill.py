@@ -193,6 +193,11 @@ def test_bad_teachers_are_one_line(teacher_run, tmp_path, capsys):
     code, err = run_main([*base, '--output_dir', str(tmp_path / 'c'), '--teacher', str(teacher), '--distill_alpha', '2'],
                          capsys)
     assert code == 2 and "'distill_alpha' must be in [0, 1]" in err
+    import shutil
+    shutil.copy(teacher / 'model.safetensors', tmp_path / 'loose.safetensors')  # a weights file outside a run
+    code, err = run_main([*base, '--output_dir', str(tmp_path / 'e'), '--teacher', str(tmp_path / 'loose.safetensors')],
+                         capsys)
+    assert code == 2 and 'name its model with --teacher_model (and --teacher_model_kwargs)' in err
     five = make_parquet(tmp_path / 'five', num_classes=5)
     code, err = run_main(['--data_dir', str(five), *TINY, '--model_kwargs.num_classes', '5', '--epochs', '1',
                           '--output_dir', str(tmp_path / 'd'), '--teacher', str(teacher)], capsys)

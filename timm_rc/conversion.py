@@ -249,6 +249,8 @@ def convert_to_rc(
             rank-r correction initialised from the truncated SVD of (block i's weight - the shared weight), so
             that at full rank the network computes what it computed before (biases stay shared).
     """
+    if return_report is not None and not isinstance(return_report, bool):
+        raise TypeError(f'return_report takes True (the report), False (the model) or None, got {return_report!r}')
     if return_report is None:
         warnings.warn('convert_to_rc() returns the converted model from timm_rc 0.4, as timm\'s model surgery does '
                       '(model = convert_to_rc(model); the report is model.rc_conversion); pass return_report=False '

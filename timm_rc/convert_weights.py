@@ -15,7 +15,7 @@ from torch import nn
 from .config import INIT_KWARGS
 from .conversion import INITS, RCConversion, convert_to_rc
 from .errors import UserError
-from .evaluation import recalibrator, test_error_fn
+from .evaluation import recalibrator, run_dataset, test_error_fn
 from .layers import BN_SHARING
 from .loading import load_model
 from .runs import Run
@@ -40,7 +40,7 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
                     model_kwargs: Optional[Dict[str, Any]] = None, bn_sharing: str = 'independent',
                     steps: Optional[Union[int, List[int]]] = None, init: str = 'first', rank: Optional[int] = None,
                     recalibrate: Optional[int] = None, recalibrate_augment: bool = False,
-                    measure: bool = True) -> ConvertedWeights:
+                    measure: bool = True, data_dir: Optional[str] = None) -> ConvertedWeights:
     """ Convert `source` (a run folder, a weights file with `model`, or a timm name) with `convert_to_rc`
     and write the result to `output` (.safetensors, never the source nor inside its run folder). A run folder's
     network is measured on the run's own test examples before and after (`measure`). `recalibrate` N re-estimates
@@ -77,11 +77,11 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
     net = load_model(path, model, kwargs) if path.exists() else load_model(None, model or source, kwargs)
     errors = examples = error = None
     if run is not None and measure:
-        error, examples = test_error_fn(run, net)
+        error, examples = test_error_fn(run, net, data_dir=data_dir)
         errors = {'original': error(net)}
     recal = None
     if recalibrate is not None:
-        dataset, data_dir = run.data()
+        dataset, data_dir = run_dataset(run, None, data_dir)
         batch = run.config().get('batch_size') or 128
         recal = recalibrator(net, dataset, data_dir, recalibrate, batch, recalibrate_augment)
     try:

@@ -15,6 +15,7 @@ augmented batch as the student.
     teacher = load_teacher('resnet18')                                 # timm's pretrained weights
 """
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -73,8 +74,8 @@ def load_teacher(source: str, model: Optional[str] = None, model_kwargs: Optiona
                 raise UserError(f'teacher {source}: timm could not load its pretrained weights ({type(e).__name__}: '
                                 f'{str(e).splitlines()[0][:200] if str(e) else ""}); give a run folder or a weights '
                                 f'file instead') from None
-    except UserError as e:
-        text = str(e)
+    except UserError as e:  # the loader's hints name the student's options; here they are the teacher's
+        text = re.sub(r'--model(_kwargs)?\b', r'--teacher_model\1', str(e))
         raise UserError(text if text.startswith('teacher') else f'teacher: {text}') from None
     for p in net.parameters():
         p.requires_grad_(False)

@@ -360,7 +360,8 @@ def test_error_fn(run: Optional[Run], model: nn.Module, dataset: Optional[str] =
         limit = max_samples or cfg.get('max_eval_samples')
         split, num_classes, _ = load_split(dataset, data_dir, 'test', limit, model, cfg.get('loader'))
     except UserError as e:
-        raise UserError(f'{e}; pass --data_dir DIR (the test data the error is measured on)') from None
+        text = str(e) if '--data_dir' in str(e) else f'{e}; pass --data_dir DIR (the test data the error is measured on)'
+        raise UserError(text) from None
     if model.num_classes != num_classes:
         raise UserError(f'the model has a {model.num_classes}-class head but {data_dir or dataset} has {num_classes} '
                         f'classes; give the dataset it was trained on (--dataset / --data_dir)')

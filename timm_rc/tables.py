@@ -58,7 +58,8 @@ PAPER_EPOCHS = {'rc1_cifar': 120, 'rc2_cifar': 120, 'rc2_unshared_cifar': 120, '
                 'rc4_unshared_cifar': 160}
 CIFAR_EXAMPLES = dict(train_examples=50_000, eval_examples=10_000)
 # run_config.json keys that do not change what is trained and measured (or are columns already)
-IGNORED = {'seed', 'data', 'teacher_identity', 'config_file', 'config_values', 'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
+IGNORED = {'seed', 'data', 'teacher_identity', 'teacher_model', 'teacher_model_kwargs', 'config_file', 'config_values',
+           'output_dir', 'run_name', 'resume', 'log_with', 'log_model', 'log_interval', 'keep_checkpoints',
            'project', 'eval_batch_size', 'num_threads', 'data_dir', 'dataset', 'model', 'model_kwargs', 'params',
            # their effect is in the summary's train_examples / eval_examples / global_batch_size
            'max_train_samples', 'max_eval_samples', 'batch_size'}

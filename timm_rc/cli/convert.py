@@ -35,6 +35,7 @@ def _parser() -> ArgumentParser:
     p.add_argument('--rank', type=int, help='relaxed sharing: per-step rank-r corrections from the SVD of each block\'s '
                                             'difference to the shared weights (default: none)')
     add_recalibrate_options(p, 'plain', "of the run's data after the conversion")
+    p.add_argument('--data_dir', help='the run\'s data, where its recorded data_dir does not resolve from here')
     p.add_argument('--no_eval', action='store_true', help='skip measuring a run folder\'s test error before and after')
     add_threads_option(p)
     p.add_argument('--json', action='store_true', help='print the report as JSON')
@@ -56,7 +57,7 @@ def main(argv: Sequence[str]) -> RCConversion:
     converted = convert_weights(args.source, args.output, model=args.model, model_kwargs=json_object(args.model_kwargs),
                                 bn_sharing=args.bn_sharing, steps=steps, init=args.init, rank=args.rank,
                                 recalibrate=recalibrate, recalibrate_augment=augmented,
-                                measure=not args.no_eval)
+                                measure=not args.no_eval, data_dir=args.data_dir)
     report, model, out, run_kwargs, untrained = (converted.report, converted.model, converted.output,
                                                  converted.model_kwargs, converted.untrained)
     if args.json:
@@ -74,6 +75,10 @@ def main(argv: Sequence[str]) -> RCConversion:
                 line += (f', {e["recalibrated"]:.2f}% with BN re-estimated from {rc["batches"]} training batches of '
                          f'{rc["batch_size"]}{" (augmented)" if rc["augmented"] else ""}')
             print(line)
+        elif converted.recalibration is not None:
+            rc = converted.recalibration
+            print(f'BN statistics re-estimated from {rc["batches"]} training batches of {rc["batch_size"]}'
+                  f'{" (augmented)" if rc["augmented"] else ""}')
         print(f'wrote {out}')
         if untrained:
             print(f'note: {args.source} was built with random weights; for timm\'s pretrained ones add '
