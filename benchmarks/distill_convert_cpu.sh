@@ -18,6 +18,10 @@ for SEED in "${@:-0}"; do
   [ -f runs/cpu_w8/$R/summary.json ] || python3 train.py --model rc4_cifar --model_kwargs "$W8" "${COMMON[@]}" \
       --epochs 15 --lr_milestones 8,12 --seed "$SEED" --teacher $TEACHER --output_dir runs/cpu_w8/$R
   keep $R
+  R=rc4_distilled_a05_postact/seed$SEED  # a weaker distillation term for the underfitting student
+  [ -f runs/cpu_w8/$R/summary.json ] || python3 train.py --model rc4_cifar --model_kwargs "$W8" "${COMMON[@]}" \
+      --epochs 15 --lr_milestones 8,12 --seed "$SEED" --teacher $TEACHER --distill_alpha 0.5 --output_dir runs/cpu_w8/$R
+  keep $R
 done
 mkdir -p runs/converted
 for INIT in first average; do
