@@ -1,4 +1,4 @@
-""" `python -m timm_rc.eval` and `timm_rc.eval.evaluate`, the one evaluation of the trainer and every command. """
+""" `python -m timm_rc eval` and `timm_rc.eval.evaluate`, the one evaluation of the trainer and every command. """
 import json
 import shutil
 import subprocess
@@ -108,7 +108,7 @@ def _reference(model, split):
         logits = model(normalize(split.images, mean, std))
     top1, top5 = accuracy(logits, split.labels, topk=(1, 5))
     preds = logits.argmax(-1)
-    per_class = [100.0 * (preds[split.labels == c] == c).float().mean().item() for c in range(logits.shape[-1])]
+    per_class = [100.0 * (preds[split.labels == c] == c).double().mean().item() for c in range(logits.shape[-1])]
     return top1.item(), top5.item(), F.cross_entropy(logits, split.labels).item(), per_class
 
 

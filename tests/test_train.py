@@ -552,9 +552,10 @@ def test_sync_bn_with_cpu_processes_is_an_error():
 
 def test_bf16_on_the_cpu_is_applied(tiny_data, tmp_path):
     base = ['--data_dir', str(tiny_data), '--max_steps', '2', *TINY]
-    fp32 = run(base + ['--output_dir', str(tmp_path / 'fp32')])
+    fp32 = run(base + ['--output_dir', str(tmp_path / 'fp32'), '--mixed_precision', 'no'])
     bf16 = run(base + ['--output_dir', str(tmp_path / 'bf16'), '--mixed_precision', 'bf16'])
-    assert bf16['mixed_precision'] == 'bf16' and fp32['train_loss'] != bf16['train_loss']
+    assert fp32['mixed_precision'] == 'no' and bf16['mixed_precision'] == 'bf16'
+    assert fp32['train_loss'] != bf16['train_loss']
 
 
 def test_resume_with_other_settings_lists_the_differences(tiny_data, tmp_path, capsys):
@@ -582,7 +583,7 @@ def test_resume_refuses_other_data_of_the_same_shape_but_takes_a_moved_copy(tiny
     other = make_parquet(tmp_path / 'other', seed=1)  # the same shape, other images
     code, err = run_main(['--data_dir', str(other), '--output_dir', str(out), '--epochs', '2', '--resume', *TINY], capsys)
     assert code == 2 and f'cannot resume {out}: its settings differ (the data ({other}) is not the data the run ' \
-        f'trained on: its test split, train split differ)' in err
+        f'trained on: its test split and train split differ)' in err
     assert json.loads((out / 'run_config.json').read_text())['data_dir'] == str(tiny_data)  # untouched
     moved = tmp_path / 'moved'
     shutil.copytree(tiny_data, moved)

@@ -82,16 +82,16 @@ class TrainConfig:
     distill_alpha: float = _key(DISTILL, 0.9, 'weight of the distillation term; the label loss gets 1 - alpha')
     distill_temperature: float = _key(DISTILL, 4.0, 'softmax temperature of the distillation term (x T^2)')
 
-    mixed_precision: str = _key(SPEED, 'auto', "'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16', 'fp16'")
+    mixed_precision: str = _key(SPEED, 'auto', "'auto' (bf16 on CUDA and on CPUs with bf16 instructions, else none), 'no', 'bf16', 'fp16'")
     compile: bool = _key(SPEED, False, 'torch.compile the model')
     compile_mode: Optional[str] = _key(SPEED, None, "e.g. 'max-autotune-no-cudagraphs', 'reduce-overhead'")
-    channels_last: Optional[bool] = _key(SPEED, None, 'None: on for CUDA')
+    channels_last: Optional[bool] = _key(SPEED, None, 'None: on (CUDA and CPU)')
     sync_bn: bool = _key(SPEED, False, 'SyncBatchNorm across processes')
     eval_batch_size: int = _key(SPEED, 1024, 'per process')
     num_threads: Optional[int] = _key(SPEED, None, "CPU threads per process; None: the process's cores (see docs/training.md)")
 
     output_dir: Optional[str] = _key(
-        OUTPUT, None, 'may use {seed} {model} {dataset}; None: runs/{model}-{dataset}/seed{seed}')
+        OUTPUT, None, 'may use {seed} {model} {dataset} {config}; None: runs/{model}-{dataset}/seed{seed}')
     log_with: str = _key(OUTPUT, 'none', "'wandb', 'tensorboard', 'none', or a comma list")
     project: str = _key(OUTPUT, 'timm_rc', 'W&B project / tracker project name')
     run_name: Optional[str] = _key(OUTPUT, None, 'None: the output_dir below runs/')
@@ -105,13 +105,16 @@ class TrainConfig:
     config_values: Dict[str, Any] = field(default_factory=dict, metadata={'group': OUTPUT, 'help': '', 'recorded': True})
 
     def resolved_output_dir(self) -> Path:
-        """ output_dir with {seed}, {model} and {dataset} filled in (one folder per seed in sweeps). """
-        fields = dict(seed=self.seed, model=self.model.replace('/', '_'), dataset=Path(self.dataset).name)
+        """ output_dir with {seed}, {model}, {dataset} and {config} (the config file's name without .yaml)
+        filled in: one folder per seed, model or config file in sweeps. """
+        fields = dict(seed=self.seed, model=self.model.replace('/', '_'), dataset=Path(self.dataset).name,
+                      config=Path(self.config_file).stem if self.config_file else 'no-config')
         template = self.output_dir or 'runs/{model}-{dataset}/seed{seed}'
         try:
             return Path(template.format(**fields))
         except (KeyError, IndexError, ValueError) as e:
-            raise UserError(f'output_dir {template!r} may only use {{seed}}, {{model}} and {{dataset}}: {e}') from None
+            raise UserError(f'output_dir {template!r} may only use {{seed}}, {{model}}, {{dataset}} and {{config}}: '
+                            f'{e}') from None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,12 +214,19 @@ def _convert(key: str, value: Any, tp, from_cli: bool) -> Any:
             return value
         raise bad()
     if origin in (dict, Dict):
-        if from_cli and isinstance(value, str):
+        text = value if from_cli and isinstance(value, str) else None
+        if text is not None:
             try:
-                value = yaml.safe_load(value)  # JSON is YAML
+                value = yaml.safe_load(text)  # JSON is YAML (and {width: 8} is YAML too)
             except yaml.YAMLError:
-                raise bad() from None
+                value = None
         if not isinstance(value, dict):
+            if text is not None and text.lstrip().startswith('{'):  # meant as JSON: say where it breaks
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise UserError(f'config key {key!r}: {text!r} is not valid JSON: {e.msg}: column {e.colno} '
+                                    f'(e.g. \'{{"width": 8}}\')') from None
             raise bad()
         return dict(value)
     if origin in (list, List):

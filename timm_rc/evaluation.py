@@ -1,7 +1,7 @@
 """ One evaluation for every caller: the trainer's end-of-epoch test and every command.
 
 `evaluate` measures a model over a loader (top-1/top-5 error, loss, per-class accuracy); the trainer
-calls it with its accelerator, `python -m timm_rc.eval` through `evaluate_source`, `python -m
+calls it with its accelerator, `python -m timm_rc eval` through `evaluate_source`, `python -m
 timm_rc.compress` through `test_error_fn`, so a finished run evaluated again gives exactly the test
 error its summary.json holds (same examples, batch size, precision and memory format: the run's own).
 `evaluate_over_steps` runs an RC network at other step counts (cost-adjustable inference, with
@@ -220,6 +220,21 @@ def run_dataset(run: Optional[Run], dataset: Optional[str] = None,
     return name, None
 
 
+def auto_precision(device_type: str) -> str:
+    """ What mixed_precision 'auto' means on a device: bf16 on CUDA, and on a CPU whose oneDNN computes in
+    bf16 (AVX512-BF16 or AMX: 1.6x fp32 at width 8, 1.9x at width 16 on this project's 2-core machine,
+    benchmarks/bench_cpu.py), else 'no' (fp32). """
+    if device_type == 'cuda':
+        return 'bf16'
+    supported = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return 'bf16' if device_type == 'cpu' and supported is not None and supported() else 'no'
+
+
+def auto_channels_last(device_type: str) -> bool:
+    """ What channels_last None means: on for CUDA and the CPU (oneDNN's convolutions run NHWC natively). """
+    return device_type in ('cuda', 'cpu')
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     """ The device called `name` ('cpu', 'cuda', 'cuda:1'); None: CUDA where there is one. """
     if name is None:
@@ -250,7 +265,7 @@ def evaluate_source(
         recalibrate: Optional[int] = None,
         recalibrate_augment: bool = False,
 ) -> Dict[str, Any]:
-    """ What `python -m timm_rc.eval` reports for one source (a run folder, a weights file, a quantized
+    """ What `python -m timm_rc eval` reports for one source (a run folder, a weights file, a quantized
     file, or None with `model` for an untrained one): `load_model`, then `evaluate` on the run's own test
     examples with the run's batch size, precision and memory format (each overridable), as a dict of
     plain values (`EvalResult.to_dict()` plus what was evaluated, and `run_test_top1_error`, the run
@@ -274,7 +289,7 @@ def evaluate_source(
             raise UserError(f'{source or model} is a {type(net).__name__}, which cannot change its number of '
                             f'steps: --steps needs an RC network (e.g. rc4_cifar)')
         if not net.share_weights and max(steps) > net.steps:
-            raise UserError(f'{source or model} has unshared weights for {net.steps} steps per cell and cannot run '
+            raise UserError(f'{source or model} has unshared weights for {net.steps} step{"s" * (net.steps != 1)} per cell and cannot run '
                             f'{max(steps)}: --steps up to {net.steps}')
     if recalibrate is not None and (isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 1):
         raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate!r}')
@@ -291,7 +306,7 @@ def evaluate_source(
             f'was trained with')
 
     precision = mixed_precision or cfg.get('mixed_precision') or 'no'
-    channels_last = cfg.get('channels_last', dev.type == 'cuda')
+    channels_last = cfg.get('channels_last', auto_channels_last(dev.type))
     batch_size = batch_size or cfg.get('eval_batch_size') or 1024
     mean, std = model_mean_std(net, dev)
     net = net.to(dev)
@@ -356,7 +371,7 @@ def test_error_fn(run: Optional[Run], model: nn.Module, dataset: Optional[str] =
     cfg = run.config() if run is not None else {}
     try:
         dataset, data_dir = run_dataset(run, dataset, data_dir)
-        # the run's own test examples (its max_eval_samples), as python -m timm_rc.eval and the trainer use
+        # the run's own test examples (its max_eval_samples), as python -m timm_rc eval and the trainer use
         limit = max_samples or cfg.get('max_eval_samples')
         split, num_classes, _ = load_split(dataset, data_dir, 'test', limit, model, cfg.get('loader'))
     except UserError as e:

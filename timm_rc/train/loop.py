@@ -10,7 +10,7 @@ version's cost-adjustable RC): the model is built with BN layers for hi steps (`
 every batch runs k' steps per cell, drawn from a generator seeded by (seed, global step): every
 process draws the same k' without communicating, and a resumed run replays the same draws.
 `sample_steps_cells: same` draws one k' for both cells (the k'-step graphs that
-`python -m timm_rc.eval --steps` evaluates), `independent` one per cell. The test error of each epoch
+`python -m timm_rc eval --steps` evaluates), `independent` one per cell. The test error of each epoch
 is measured at hi steps; metrics.jsonl records each process's draws (`train/steps_drawn`).
 """
 import dataclasses
@@ -35,7 +35,7 @@ from ..distillation import Teacher, check_teacher, distillation_task, load_teach
 from ..data import BatchedTensorDataset, GpuBatches, Splits, augment, collate_batch, epoch_generator, load_splits, \
     normalize
 from ..errors import UserError
-from ..evaluation import evaluate, model_mean_std
+from ..evaluation import auto_channels_last, auto_precision, evaluate, model_mean_std
 from ..models import RCNet
 from ..runs import Run
 from .bnstats import bn_scalars, per_step_bn
@@ -311,9 +311,9 @@ def _check_same_run(run: Run, run_config: Dict[str, Any]) -> None:
     if 'data' in saved and saved['data'] != run_config['data']:  # other data, wherever it lies (data_dir may move)
         was, now = saved['data'], run_config['data']
         what = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        parts = ["class names" if k == "class_names" else k + " split" for k in what]
         diffs.append(f'the data ({run_config.get("data_dir") or run_config.get("dataset")}) is not the data the run '
-                     f'trained on: its {", ".join("class names" if k == "class_names" else k + " split" for k in what)} '
-                     f'differ')
+                     f'trained on: its {" and ".join(parts)} differ{"s" * (len(parts) == 1 and parts[0] != "class names")}')
     if (saved.get('loader') == 'timm') != (run_config.get('loader') == 'timm'):  # another augmentation altogether
         diffs.append(f'loader: {saved.get("loader")!r} in the run, {run_config.get("loader")!r} now (timm\'s pipeline '
                      f'augments differently from the uint8 paths)')
@@ -369,6 +369,7 @@ class _EpochStats:
     images: int  # over all processes
     steps: int
     steps_drawn: Optional[List[list]]  # sample_steps: each process's k' draws
+    lr: float  # the lr of the epoch's last step (the one it trained with, not the next epoch's)
     kd_loss: Optional[float]  # distillation: the mean distillation term (before alpha)
     stop: bool  # max_steps reached
 
@@ -379,7 +380,7 @@ def _make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import TorchDynamoPlugin
     cuda = torch.cuda.is_available()
-    mixed_precision = ('bf16' if cuda else 'no') if cfg.mixed_precision == 'auto' else cfg.mixed_precision
+    mixed_precision = auto_precision('cuda' if cuda else 'cpu') if cfg.mixed_precision == 'auto' else cfg.mixed_precision
     world = int(os.environ.get('WORLD_SIZE', '1'))
     _check_launch(world)
     _check_device_settings(cfg, cuda, world, mixed_precision)
@@ -459,7 +460,7 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
     from accelerate.utils import set_seed
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
-    channels_last = device.type == 'cuda' if cfg.channels_last is None else cfg.channels_last
+    channels_last = auto_channels_last(device.type) if cfg.channels_last is None else cfg.channels_last
     set_seed(cfg.seed)  # the same initial weights on every process
     model = _create_model(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, model=model, loader=cfg.loader, device_type=device.type,
@@ -481,7 +482,9 @@ def _set_up(cfg: TrainConfig, run: Run, accelerator, mixed_precision: str, track
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        fused=device.type == 'cuda' or None)
+        # fused: one kernel for every tensor (CPU: torch >= 2.4); not with sampled step counts, whose unused BN
+        # layers have no gradient in some steps (the fused kernel takes no missing momentum buffer)
+        fused=(device.type in ('cuda', 'cpu') and cfg.sample_steps is None) or None)
     batches = _train_loader(cfg, splits, device, rank, world)
     steps_per_epoch = len(splits.train) // cfg.batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(
@@ -588,6 +591,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
         accelerator.backward(loss)
         if cfg.clip_grad_value is not None:
             accelerator.clip_grad_value_(model.parameters(), cfg.clip_grad_value)
+        lr = s.scheduler.get_last_lr()[0]  # this step's lr (the scheduler steps to the next one below)
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -604,7 +608,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
             ready = values.tolist() if last else host.push(values)
             now = time.time()
             rate = (steps - bar.n) * labels.numel() * world / max(now - last_t, 1e-9)
-            post = dict(lr=f'{s.scheduler.get_last_lr()[0]:.4g}', img_s=f'{rate:.0f}')
+            post = dict(lr=f'{lr:.4g}', img_s=f'{rate:.0f}')
             if ready is not None:
                 # early stop on one process only; with several, every process stops together at
                 # the epoch-end check (one leaving alone would hang the others' collectives)
@@ -621,6 +625,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
     steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
     return _EpochStats(train_loss=totals[0].item() / (steps * world), train_acc=totals[1].item() / (seen * world),
                        seconds=time.time() - t0, images=seen * world, steps=steps, steps_drawn=steps_drawn, stop=stop,
+                       lr=lr,
                        kd_loss=totals[2].item() / (steps * world) if s.task is not None else None)
 
 
@@ -633,7 +638,7 @@ def _test(s: _Setup):
                     num_classes=s.splits.num_classes, accelerator=s.accelerator)
 
 
-def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test) -> Dict[str, Any]:
+def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test, eval_seconds: float) -> Dict[str, Any]:
     """ Log the epoch to the trackers and the run folder (metrics, BN statistics, summary); returns the
     summary. """
     cfg, accelerator, state = s.cfg, s.accelerator, s.state
@@ -642,7 +647,7 @@ def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test) -> Dict[str, 
         'train/loss': stats.train_loss, 'train/acc': stats.train_acc, 'test/top1_err': test.top1_error,
         'test/top1_acc': test.top1_acc, 'test/loss': test.loss,
         **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
-        'lr': s.scheduler.get_last_lr()[0], 'epoch': epoch + 1, 'epoch_time_s': stats.seconds,
+        'lr': stats.lr, 'epoch': epoch + 1, 'epoch_time_s': stats.seconds, 'eval_time_s': eval_seconds,
         'images_per_sec': stats.images / stats.seconds, **bn_scalars(bn),
         **({'train/kd_loss': stats.kd_loss} if stats.kd_loss is not None else {}),
     }
@@ -686,7 +691,7 @@ def _save_final_model(s: _Setup) -> None:
     # the block style is recorded even when it was the default (the default changed in 0.2.0)
     block = {'block': final.block} if isinstance(getattr(final, 'block', None), str) else {}
     # where the starting weights came from is not part of the architecture: a run folder must load
-    # without the file it was initialised from (e.g. a converted network, python -m timm_rc.convert)
+    # without the file it was initialised from (e.g. a converted network, python -m timm_rc convert)
     args = {k: v for k, v in s.cfg.model_kwargs.items() if k not in INIT_KWARGS}
     s.run.save_model(final, dict(args, **block))
 
@@ -735,7 +740,9 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         bar.close()
         if not math.isfinite(stats.train_loss):
             raise Diverged(f'the training loss became {stats.train_loss} in epoch {epoch + 1}')
+        t_eval = time.time()
         test = _test(s)
+        eval_seconds = time.time() - t_eval
         full_epoch = stats.steps == s.steps_per_epoch
         state['train_time_s'] += stats.seconds
         state['train_images'] += stats.images
@@ -744,7 +751,7 @@ def _train(cfg: TrainConfig, lock: RunLock) -> Dict[str, Any]:
         best = state['best_test_top1_error']
         state['best_test_top1_error'] = test.top1_error if best is None else min(best, test.top1_error)
         state['wall_time_s'] = time.time() - start_time
-        summary = _record_epoch(s, epoch, stats, test)
+        summary = _record_epoch(s, epoch, stats, test, eval_seconds)
         if full_epoch:
             save_checkpoint(accelerator, run.checkpoints_dir, epoch + 1, state, cfg.keep_checkpoints)
         if stats.stop:
