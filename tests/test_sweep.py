@@ -1,4 +1,4 @@
-""" python -m timm_rc.sweep: W&B grid sweep files run without a W&B server. CPU only. """
+""" python -m timm_rc sweep: W&B grid sweep files run without a W&B server. CPU only. """
 import copy
 import io
 import json
@@ -222,7 +222,7 @@ def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, monkeypatc
     assert 'done    #2 code=0' in out
     assert out[-3:] == ['fail: 1 of 2 runs succeeded',
                         '  failed: #1 code=3: exit code 3, log runs/sweep_logs/fail/001.log',
-                        '  fix the cause and run python -m timm_rc.sweep fail.yaml: it reruns only the failed runs']
+                        '  fix the cause and run python -m timm_rc sweep fail.yaml: it reruns only the failed runs']
     log = (tmp_path / 'runs' / 'sweep_logs' / 'fail' / '001.log').read_text().splitlines()
     assert log[0].startswith(START) and log[0].endswith('(new run): /usr/bin/env python prog.py --code=3 --n=1')
     assert log[1:3] == ['gpu None', 'boom 3'] and len(log) == 4
@@ -296,7 +296,7 @@ def test_ctrl_c_stops_the_runs_and_says_how_to_continue(tmp_path, monkeypatch, c
     assert main(['slow.yaml']) == 130
     out = capsys.readouterr().out
     assert 'interrupted: stopping 1 running run(s)...' in out
-    assert out.rstrip().endswith('to continue, run python -m timm_rc.sweep slow.yaml')
+    assert out.rstrip().endswith('to continue, run python -m timm_rc sweep slow.yaml')
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp_path / 'started-1').read_text()), 0)  # stopped, and reaped
     log = (tmp_path / 'runs' / 'sweep_logs' / 'slow' / '001.log').read_text()

@@ -106,6 +106,18 @@ def writing(what: str, path: Path, ckpt_dir: Path, tmp: Optional[Path] = None) -
         raise write_failed(what, path, e, ckpt_dir) from None
 
 
+def usual_mode(*paths: Path) -> None:
+    """ Give files (and the files below folders) the mode every other file gets, 0666 less the umask.
+    safetensors (0.8) writes its files 0600, so other users of a shared machine could not read trained
+    weights that every other file of the run lets them read. """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in map(Path, paths):
+        for f in ([path] if path.is_file() else path.rglob('*') if path.is_dir() else []):
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~mask)
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, epoch: int, state: Dict[str, Any], keep: int) -> Path:
     """ Save after `epoch` epochs; keep the newest `keep` complete checkpoints. A failed write removes its
     temporary folder and raises `WriteFailed`. """
@@ -118,6 +130,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, epoch: int, state: Dict[str, An
     accelerator.wait_for_everyone()
     with writing('checkpoint', final, ckpt_dir, tmp):
         accelerator.save_state(str(tmp))
+        usual_mode(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing('checkpoint', final, ckpt_dir, tmp):

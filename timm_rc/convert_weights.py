@@ -1,6 +1,6 @@
 """ Convert a saved network (a run folder, a weights file, or a timm model) to RC and write its weights.
 
-`convert_weights` is what `python -m timm_rc.convert` does: load the source (`timm_rc.loading`),
+`convert_weights` is what `python -m timm_rc convert` does: load the source (`timm_rc.loading`),
 `convert_to_rc` it in place (`init`, `rank`), re-estimate its BN statistics if asked (`recalibrate` N training
 batches, `timm_rc.recalibrate_bn`), and write the converted state_dict as safetensors (each shared tensor once)
 outside the source's run folder, whose files stay as the run wrote them.
@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
+from .checkpoints import usual_mode
 from .config import INIT_KWARGS
 from .conversion import INITS, RCConversion, convert_to_rc
 from .errors import UserError
@@ -105,5 +106,6 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
+    usual_mode(out)
     return ConvertedWeights(report, net, out, {k: v for k, v in run_kwargs.items() if k not in INIT_KWARGS}, untrained,
                             errors, examples, recalibration)

@@ -48,6 +48,19 @@ class ImageSplit:
 
 
 def _load_dataset_dict(dataset: str, data_dir: Optional[str]):
+    """ `datasets.load_dataset` without its progress bars ("Generating train split": datasets' own work, not
+    the user's, and printed before any error about the data). """
+    from datasets.utils import logging as datasets_logging
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        return _load_dataset_dict_loud(dataset, data_dir)
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()
+
+
+def _load_dataset_dict_loud(dataset: str, data_dir: Optional[str]):
     import datasets
     if data_dir is not None:
         path = Path(data_dir)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from .checkpoints import complete_checkpoints, latest_checkpoint, writing
+from .checkpoints import complete_checkpoints, latest_checkpoint, usual_mode, writing
 from .config import INIT_KWARGS, TrainConfig, config_defaults, load_config
 from .errors import UserError
 
@@ -258,6 +258,7 @@ class Run:
         with writing('BN statistics', f, self.checkpoints_dir):
             f.parent.mkdir(parents=True, exist_ok=True)
             save_file(stats, str(f))
+            usual_mode(f)
 
     def save_model(self, model, model_args: Dict[str, Any]) -> None:
         """ The final model in timm's format (model.safetensors + config.json, `save_for_hf`); `model_args`
@@ -265,6 +266,7 @@ class Run:
         from timm.models import save_for_hf
         with writing('the final model', self.weights, self.checkpoints_dir):
             save_for_hf(model, str(self.path), model_args=model_args, safe_serialization=True)
+            usual_mode(self.weights)
 
 
 def walk_runs(roots, on_skip: Optional[Callable[[str], None]] = None) -> List[Tuple[Run, Dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """ Run a W&B grid sweep file without a W&B server.
 
-    python -m timm_rc.sweep train_configs/sweeps/table2_cifar10.yaml [--dry-run] [--parallel N] [--gpus 0,1]
+    python -m timm_rc sweep train_configs/sweeps/table2_cifar10.yaml [--dry-run] [--parallel N] [--gpus 0,1]
 
 W&B sweeps need W&B's server (wandb has no offline sweeps). This reads the same files as `wandb sweep`
 and runs every combination of a `grid` sweep with the command a W&B agent would run: the file's
@@ -246,6 +246,7 @@ class Run:
     log_file: Path
     output_dir: Optional[Path] = None  # None: the program is not timm_rc's trainer
     epochs: Optional[int] = None
+    num_threads: Optional[int] = None  # the trainer's num_threads as its config and arguments set it
     state: str = 'new'  # 'complete', 'interrupted', 'new'; then 'running', 'done', 'failed'
     label: str = ''
     returncode: Optional[int] = None
@@ -319,6 +320,7 @@ def plan(sweep: Mapping[str, Any], name: str, environ: Optional[Mapping[str, str
                                  f'{{dataset}}) or sweep output_dir itself')
             owners[key] = run
             run.output_dir, run.epochs, run.log_file = out, cfg.epochs, out / LOG_NAME
+            run.num_threads = cfg.num_threads
             run.state = run_state(cfg, out)
             if run.state == 'interrupted' and cfg.resume is None:
                 run.command = tokens + ['--resume']  # the trainer's flag: a bare --resume is 'auto'
@@ -513,7 +515,8 @@ def cpu_threads_per_run(parallel: int, gpus: Optional[Sequence[str]], environ: M
     """ The CPU threads each run gets when `parallel` runs share a machine without GPUs: its share of the
     cores (torch's default, every core for every process, makes their threads spin against each other:
     two width-16 runs at once took 94 s against 34 s one after the other). None: the runs' own choice
-    (one run at a time, GPUs, or OMP_NUM_THREADS set by the user; a run's --num_threads wins anyway). """
+    (one run at a time, GPUs, or OMP_NUM_THREADS set by the user). The share beats a trainer run's own
+    num_threads (its config file's or the sweep's), which would oversubscribe the cores (`_start`). """
     if parallel < 2 or gpus or 'OMP_NUM_THREADS' in environ:
         return None
     import torch
@@ -523,13 +526,31 @@ def cpu_threads_per_run(parallel: int, gpus: Optional[Sequence[str]], environ: M
     return max(cores // parallel, 1)
 
 
+def _without_option(command: List[str], option: str) -> List[str]:
+    """ `command` without `option VALUE` / `option=VALUE`. """
+    out, skip = [], False
+    for tok in command:
+        if skip:
+            skip = False
+        elif tok == option:
+            skip = True
+        elif not tok.startswith(option + '='):
+            out.append(tok)
+    return out
+
+
 def _start(run: Run, slot: int, gpus: Optional[Sequence[str]], environ: Mapping[str, str], view: Overview,
            threads: Optional[int] = None):
     env = dict(environ)
     where = ''
-    if threads is not None and not any(a == '--num_threads' or a.startswith('--num_threads=') for a in run.command):
+    if threads is not None:
+        where = f' with {threads} CPU thread{"s" * (threads != 1)} (its share of the cores'
+        if run.output_dir is not None:  # the trainer: --num_threads on its command line beats its config file's
+            if run.num_threads not in (None, threads):
+                where += f'; the run\'s num_threads {run.num_threads} would oversubscribe them'
+            run.command = _without_option(run.command, '--num_threads') + ['--num_threads', str(threads)]
         env['OMP_NUM_THREADS'] = str(threads)
-        where = f' with {threads} CPU thread{"s" * (threads != 1)} (its share of the cores)'
+        where += ')'
     if gpus:
         env['CUDA_VISIBLE_DEVICES'] = gpus[slot % len(gpus)]
         where = f' on GPU {env["CUDA_VISIBLE_DEVICES"]}'

@@ -1,4 +1,4 @@
-""" The paper's tables beside this project's runs (what `python -m timm_rc.results runs/` prints).
+""" The paper's tables beside this project's runs (what `python -m timm_rc results runs/` prints).
 
 `collect` reads every `summary.json` (and the `run_config.json` beside it) below the given folders and pools
 only runs whose configurations differ in the seed alone: model, model kwargs, dataset, epochs
@@ -90,7 +90,10 @@ def paper_row(model: str, model_kwargs: dict) -> Tuple[str, str]:
 def collect(roots: Sequence[Path], on_skip: Optional[Callable[[str], None]] = None) -> List[dict]:
     """ One dict per run below `roots`: its summary.json, `path` (the run folder) and `run_config` (its
     run_config.json with the defaults of keys its trainer did not write, None where there is none). What
-    is not a run summary is skipped and said to `on_skip`. """
+    is not a run summary is skipped and said to `on_skip`; a root that does not exist is an error. """
+    missing = [str(r) for r in roots if not Path(r).exists()]
+    if missing:
+        raise UserError(f'{", ".join(missing)} do{"es" * (len(missing) == 1)} not exist')
     runs = []
     for run, summary in walk_runs(roots, on_skip):
         entry = dict(summary, path=str(run.path))

@@ -1,10 +1,10 @@
-""" `python -m timm_rc.plots`: the paper's figures from run folders.
+""" `python -m timm_rc plots`: the paper's figures from run folders.
 
-    python -m timm_rc.plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4 (default RUN_DIR/plots)
-    python -m timm_rc.plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2 (default RUN_DIR/plots/curves.png)
-    python -m timm_rc.eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
-    python -m timm_rc.plots tradeoff ROOT [ROOT ...] --out F        # test error against parameters, a point per
-                                                                    # row of python -m timm_rc.results ROOT ...
+    python -m timm_rc plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4 (default RUN_DIR/plots)
+    python -m timm_rc plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2 (default RUN_DIR/plots/curves.png)
+    python -m timm_rc eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
+    python -m timm_rc plots tradeoff ROOT [ROOT ...] --out F        # test error against parameters, a point per
+                                                                    # row of python -m timm_rc results ROOT ...
 
 A thin layer over `timm_rc.figures` (`plot_bn`, `plot_curves`, `plot_tradeoff`) and `timm_rc.tables`.
 """
@@ -13,6 +13,7 @@ from typing import Sequence
 
 import sys
 
+from ..errors import UserError
 from ..figures import plot_bn, plot_curves, plot_tradeoff
 from ..tables import collect, result_rows
 from .common import ArgumentParser, command, run
@@ -22,7 +23,7 @@ __all__ = ['main']
 
 @command
 def main(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog='python -m timm_rc.plots', description=__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc plots', description=__doc__)
     sub = parser.add_subparsers(dest='cmd', required=True, parser_class=ArgumentParser)
     p_bn = sub.add_parser('bn', help="per-step BN statistics (the paper's Figures 1(b), 3, 4)")
     p_bn.add_argument('run_dir', type=Path)
@@ -35,6 +36,10 @@ def main(argv: Sequence[str]) -> None:
     p_t.add_argument('roots', type=Path, nargs='+', help='run folders, or folders below which runs lie')
     p_t.add_argument('--out', type=Path, required=True, help='the PNG to write')
     args = parser.parse_args(argv)
+    missing = [str(d) for d in ([args.run_dir] if args.cmd == 'bn' else args.run_dirs if args.cmd == 'curves' else [])
+               if not d.exists()]
+    if missing:
+        raise UserError(f'{", ".join(missing)} do{"es" * (len(missing) == 1)} not exist')
     if args.cmd == 'tradeoff':
         def say(line):
             print(line, file=sys.stderr)

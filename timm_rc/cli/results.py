@@ -1,4 +1,4 @@
-""" `python -m timm_rc.results RUNS_DIR [...] [--markdown]`: the paper's tables beside this project's runs.
+""" `python -m timm_rc results RUNS_DIR [...] [--markdown]`: the paper's tables beside this project's runs.
 
 Pools the runs below the given folders that differ in the seed alone, one row per configuration, the
 paper's number beside it. A thin layer over `timm_rc.tables` (`collect`, `table`), whose docstring says
@@ -21,13 +21,21 @@ def _warn(text: str) -> None:
 
 @command
 def main(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog='python -m timm_rc.results', description=__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc results', description=__doc__)
     parser.add_argument('roots', nargs='+', type=Path, help='folders holding run folders (summary.json)')
     parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
     args = parser.parse_args(argv)
-    runs = collect(args.roots, on_skip=_warn)
+    skipped = []
+
+    def skip(text: str) -> None:
+        skipped.append(text)
+        _warn(text)
+
+    runs = collect(args.roots, on_skip=skip)
     if not runs:
-        raise UserError(f'no summary.json below {", ".join(map(str, args.roots))}')
+        raise UserError(f'no run summary below {", ".join(map(str, args.roots))}'
+                        + (f' that could be read ({len(skipped)} skipped, said above)' if skipped else
+                           ' (a run folder holds summary.json)'))
     print(table(runs, markdown=args.markdown, on_warning=_warn))
 
 

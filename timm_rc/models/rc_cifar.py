@@ -231,7 +231,7 @@ class RCNet(nn.Module):
         if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pair):
             raise ValueError(f'set_steps() takes an int >= 1 (both cells) or a pair (cell 1, cell 2), got {steps!r}')
         if not self.share_weights and max(pair) > self.steps:
-            raise ValueError(f'this network has unshared weights for {self.steps} steps per cell and cannot run '
+            raise ValueError(f'this network has unshared weights for {self.steps} step{"s" * (self.steps != 1)} per cell and cannot run '
                              f'{max(pair)}: every step needs its own weights; run at most {self.steps} steps')
         if not (isinstance(self.cell1, Unrolled) and isinstance(self.cell2, Unrolled)):
             raise ValueError('set_steps() needs both cells; prune_intermediate_layers() removed one')

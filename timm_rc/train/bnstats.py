@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..checkpoints import usual_mode
 from ..layers import Unrolled
 
 __all__ = ['per_step_bn', 'bn_scalars', 'save_bn_stats', 'STATS']
@@ -51,3 +52,4 @@ def save_bn_stats(stats: Dict[str, torch.Tensor], path: Path) -> None:
     if stats:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(stats, str(path))
+        usual_mode(path)

@@ -81,6 +81,12 @@ class RunLock:
         while not p.exists():
             self.created.append(p)  # deepest first
             p = p.parent
+        if not p.is_dir():  # the output folder, or a folder above it, is a file
+            self.created.clear()
+            if p == self.folder:
+                raise UserError(f'output_dir {p} is a file, not a folder: choose another output_dir')
+            raise UserError(f'{p} is a file, so output_dir {self.folder} cannot be created below it: choose another '
+                            f'output_dir')
         while True:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)

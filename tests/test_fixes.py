@@ -1,0 +1,179 @@
+""" What a new user met (issue 24) and the CPU defaults (issue 21): each test fails on the code before its fix. """
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import exits_2
+from test_train import TINY, make_parquet, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    make_parquet(root)
+    return root
+
+
+def test_the_logged_lr_is_the_one_the_epoch_trained_with(data, tmp_path):
+    """ lr / 10 from epoch 2 on (milestone 1): epoch 1 trained at 0.1 and is logged so; before the fix it was
+    logged with the next epoch's 0.01. """
+    run(['--data_dir', str(data), '--epochs', '3', '--lr_milestones', '[1, 2]', '--output_dir', str(tmp_path / 'r'),
+         *TINY])
+    rows = [json.loads(line) for line in (tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['lr'] for r in rows] == pytest.approx([0.1, 0.01, 0.001])
+    assert all(r['eval_time_s'] > 0 for r in rows)
+
+
+def test_cpu_defaults_are_channels_last_bf16_where_the_cpu_has_it_and_fused_sgd(data, tmp_path):
+    from timm_rc.evaluation import auto_channels_last, auto_precision
+    has_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert auto_precision('cpu') == ('bf16' if has_bf16 else 'no') and auto_precision('cuda') == 'bf16'
+    assert auto_channels_last('cpu') is True and auto_channels_last('cuda') is True
+    summary = run(['--data_dir', str(data), '--epochs', '1', '--output_dir', str(tmp_path / 'r'), *TINY])
+    config = json.loads((tmp_path / 'r' / 'run_config.json').read_text())
+    assert config['channels_last'] is True and config['mixed_precision'] == summary['mixed_precision'] == \
+        ('bf16' if has_bf16 else 'no')
+
+
+def test_weights_and_checkpoints_are_readable_by_others(data, tmp_path):
+    """ safetensors 0.8 writes 0600; every run file gets 0666 less the umask (0644 under umask 022). """
+    old = os.umask(0o022)
+    try:
+        run(['--data_dir', str(data), '--epochs', '1', '--output_dir', str(tmp_path / 'r'), *TINY])
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / 'r').rglob('*') if f.is_file() and not f.name.endswith('.lock')]
+    assert any(f.name == 'model.safetensors' for f in files) and any('checkpoints' in f.parts for f in files)
+    modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    assert set(modes.values()) == {'0o644'}, modes
+
+
+def test_an_output_dir_that_is_a_file_is_named(data, tmp_path, capsys):
+    from timm_rc.cli.train import main
+    (tmp_path / 'taken').write_text('x')
+    err = exits_2(main, ['--data_dir', str(data), '--output_dir', str(tmp_path / 'taken'), *TINY], capsys)
+    assert err == f'error: output_dir {tmp_path / "taken"} is a file, not a folder: choose another output_dir\n'
+    err = exits_2(main, ['--data_dir', str(data), '--output_dir', str(tmp_path / 'taken' / 'seed0'), *TINY], capsys)
+    assert err == (f'error: {tmp_path / "taken"} is a file, so output_dir {tmp_path / "taken" / "seed0"} cannot be '
+                   f'created below it: choose another output_dir\n')
+
+
+@pytest.mark.parametrize('text, where', [('{"width": 8', 'Expecting \',\' delimiter: column 12'),
+                                         ('{"width: 8}', 'Unterminated string starting at: column 2')])
+def test_invalid_json_in_model_kwargs_says_where(text, where):
+    from timm_rc.config import load_config
+    from timm_rc.errors import UserError
+    with pytest.raises(UserError) as e:
+        load_config(['--model_kwargs', text])
+    assert str(e.value) == f"config key 'model_kwargs': {text!r} is not valid JSON: {where} (e.g. '{{\"width\": 8}}')"
+
+
+def test_yaml_style_model_kwargs_still_work():
+    from timm_rc.config import load_config
+    assert load_config(['--model_kwargs', '{width: 8}']).model_kwargs == {'width': 8}
+
+
+def test_results_and_plots_name_a_missing_folder(tmp_path, capsys):
+    from timm_rc.cli.plots import main as plots
+    from timm_rc.cli.results import main as results
+    missing = tmp_path / 'nope'
+    assert exits_2(results, [str(missing)], capsys) == f'error: {missing} does not exist\n'
+    assert exits_2(plots, ['curves', str(missing)], capsys) == f'error: {missing} does not exist\n'
+    assert exits_2(plots, ['tradeoff', str(missing), '--out', str(tmp_path / 'f.png')], capsys) == \
+        f'error: {missing} does not exist\n'
+
+
+def test_results_after_skipping_a_broken_summary_says_so(tmp_path, capsys):
+    from timm_rc.cli.results import main as results
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'summary.json').write_text('{not json')
+    with pytest.raises(SystemExit) as e:
+        results([str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 2 and 'summary.json' in err[0]
+    assert err[1] == f'error: no run summary below {tmp_path} that could be read (1 skipped, said above)'
+
+
+def test_loading_data_prints_no_progress_bars_of_datasets(data, capfd):
+    from timm_rc.data import load_splits
+    capfd.readouterr()
+    load_splits(data_dir=str(data))
+    out, err = capfd.readouterr()
+    assert 'Generating' not in out + err and out + err == ''
+
+
+def test_output_dir_takes_the_config_files_name(tmp_path):
+    from timm_rc.config import load_config
+    cfg_file = tmp_path / 'rc4_sharedbn_cifar10.yaml'
+    cfg_file.write_text('model: rc4_cifar\n')
+    cfg = load_config(['--config', str(cfg_file), '--output_dir', 'runs/w8/{config}/seed{seed}', '--seed', '2'])
+    assert cfg.resolved_output_dir() == Path('runs/w8/rc4_sharedbn_cifar10/seed2')
+    assert load_config(['--output_dir', 'runs/{config}']).resolved_output_dir() == Path('runs/no-config')
+
+
+def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_path, monkeypatch):
+    """ cpu_demo.yaml sets num_threads 2: under --parallel 2 on 2 cores each run oversubscribed them (13-16x
+    slower); the runner now puts its share on the trainer's command line, which beats the config file. """
+    import io
+    from timm_rc import sweep_runner
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep_runner, 'cpu_threads_per_run', lambda parallel, gpus, environ: 1)
+    runs = sweep_runner.plan(sweep_runner.load_sweep('train_configs/sweeps/cpu_demo.yaml'), 'cpu_demo')
+    assert [r.num_threads for r in runs] == [2, 2]
+    started = []
+
+    class Proc:
+        pid, returncode = 0, 0
+
+        def poll(self):
+            return 0
+
+    def popen(command, **kwargs):
+        started.append((command, kwargs['env'].get('OMP_NUM_THREADS')))
+        return Proc()
+
+    monkeypatch.setattr(sweep_runner.subprocess, 'Popen', popen)
+    for r in runs:
+        r.log_file = tmp_path / f'{r.index}.log'
+        r.output_dir = tmp_path / f'out{r.index}'
+    stream = io.StringIO()
+    assert sweep_runner.run_sweep(runs, 'cpu_demo', parallel=2, stream=stream) == 0
+    for command, omp in started:
+        assert command[-2:] == ['--num_threads', '1'] and command.count('--num_threads') == 1 and omp == '1'
+    assert "with 1 CPU thread (its share of the cores; the run's num_threads 2 would oversubscribe them)" in \
+        stream.getvalue()
+
+
+def test_without_option_drops_both_spellings():
+    from timm_rc.sweep_runner import _without_option
+    assert _without_option(['a', '--num_threads', '2', 'b', '--num_threads=4', 'c'], '--num_threads') == ['a', 'b', 'c']
+
+
+def test_one_step_is_singular():
+    import timm
+    import timm_rc  # noqa: F401
+    model = timm.create_model('rc1_cifar', width=4, share_weights=False)
+    with pytest.raises(ValueError, match='unshared weights for 1 step per cell and cannot run'):
+        model.set_steps(2)
+
+
+def test_the_front_door_lists_every_command_and_dispatches():
+    out = subprocess.run([sys.executable, '-m', 'timm_rc', '--help'], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0
+    for verb in ('train', 'eval', 'sweep', 'results', 'plots', 'compress', 'convert', 'export'):
+        assert f'\n  {verb} ' in out.stdout
+    bad = subprocess.run([sys.executable, '-m', 'timm_rc', 'trian'], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'trian'; the commands are train, ")
+    assert bad.stderr.count('\n') == 1
+    from timm_rc.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(['results', '/nonexistent/folder'])
+    assert e.value.code == 2
