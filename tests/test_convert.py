@@ -263,7 +263,7 @@ def test_timm_contract_of_the_families(name):
     assert params(features) < params(timm.create_model(name.removeprefix('rc_'), features_only=True))
 
 
-# ---- python -m timm_rc.convert -----------------------------------------------------------------
+# ---- python -m timm_rc convert -----------------------------------------------------------------
 
 
 def convert_cli(argv, capsys):

@@ -1,4 +1,4 @@
-""" `python -m timm_rc.compress`: how small an RC network is, and quantization on top of it.
+""" `python -m timm_rc compress`: how small an RC network is, and quantization on top of it.
 
 The paper's thesis is that RC compresses a network (one block's weights serve k unrolled steps) and that
 an RC network can then be compressed further by existing methods such as weight quantization. Three
@@ -6,14 +6,14 @@ commands, each a thin layer over the functions below:
 
     # unique params, weights file bytes, FLOPs, training activation memory, CPU latency, test error;
     # each RC model beside the plain network of the same graph (share_weights=False)
-    python -m timm_rc.compress report rc4_cifar rc2_cifar --model_kwargs '{"width": 8}'
-    python -m timm_rc.compress report runs/rc4/seed0 runs/resnet18/seed0 --bits 8,4 [--markdown|--json]
+    python -m timm_rc compress report rc4_cifar rc2_cifar --model_kwargs '{"width": 8}'
+    python -m timm_rc compress report runs/rc4/seed0 runs/resnet18/seed0 --bits 8,4 [--markdown|--json]
 
     # weight-only quantization (int8 per output channel, int4 in groups), shared weights stored once
-    python -m timm_rc.compress quantize runs/rc4/seed0 --bits 8   # writes runs/rc4/seed0/model.int8.safetensors
+    python -m timm_rc compress quantize runs/rc4/seed0 --bits 8   # writes runs/rc4/seed0/model.int8.safetensors
 
     # real int8 inference on the CPU: PT2E static quantization (torch.export, torchao's X86InductorQuantizer)
-    python -m timm_rc.compress int8 runs/rc4/seed0
+    python -m timm_rc compress int8 runs/rc4/seed0
 
 A thin layer over `timm_rc.compression` (report_models, quantize_run, int8_run) and `timm_rc.quantize`.
 """
@@ -32,7 +32,7 @@ __all__ = ['main', 'report_table']
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog='python -m timm_rc.compress', description=__doc__.split('\n\n')[0].split(': ', 1)[1],
+    p = ArgumentParser(prog='python -m timm_rc compress', description=__doc__.split('\n\n')[0].split(': ', 1)[1],
                        epilog=__doc__.split('\n\n', 2)[2].split('\n\nA thin layer')[0])
     sub = p.add_subparsers(dest='command', metavar='{report,quantize,int8}', parser_class=ArgumentParser)
 
@@ -137,13 +137,13 @@ def _bits(text: str) -> List[int]:
 
 @command
 def main(argv: Sequence[str]):
-    """ `python -m timm_rc.compress {report,quantize,int8} ...`: prints a table, or JSON with --json. Bad
+    """ `python -m timm_rc compress {report,quantize,int8} ...`: prints a table, or JSON with --json. Bad
     input: one line on stderr and exit code 2, and the run's own files untouched. Returns the result. """
     import datasets
     datasets.disable_progress_bars()
     args = _parser().parse_args(argv)
     if args.command is None:
-        raise UserError('give a command: report, quantize or int8 (see python -m timm_rc.compress --help)')
+        raise UserError('give a command: report, quantize or int8 (see python -m timm_rc compress --help)')
     positive(max_samples=args.max_samples, batch_size=getattr(args, 'batch_size', None))
     set_threads(args.num_threads)
     if getattr(args, 'markdown', False) and args.json:

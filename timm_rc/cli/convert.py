@@ -1,8 +1,8 @@
-""" `python -m timm_rc.convert MODEL_OR_RUN --output FILE`: convert a trained network to RC and write its weights.
+""" `python -m timm_rc convert MODEL_OR_RUN --output FILE`: convert a trained network to RC and write its weights.
 
-    python -m timm_rc.convert runs/cpu_w8/resnet18_postact/seed0 --output runs/converted/rc4_from_resnet18.safetensors
-    python -m timm_rc.convert resnet50 --output rc_resnet50.safetensors          # a timm model (its pretrained tag)
-    python -m timm_rc.convert RUN --output rc4.safetensors --init average --rank 2 --recalibrate 50
+    python -m timm_rc convert runs/cpu_w8/resnet18_postact/seed0 --output runs/converted/rc4_from_resnet18.safetensors
+    python -m timm_rc convert resnet50 --output rc_resnet50.safetensors          # a timm model (its pretrained tag)
+    python -m timm_rc convert RUN --output rc4.safetensors --init average --rank 2 --recalibrate 50
 
 A thin layer over `timm_rc.convert_weights` (which calls `timm_rc.convert_to_rc`): prints what was shared
 and, for the paper's ResNet-10/18 graphs, the command that fine-tunes the result as RC-2/RC-4.
@@ -22,7 +22,7 @@ __all__ = ['main']
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog='python -m timm_rc.convert', description='Convert a trained network to an RC network '
+    p = ArgumentParser(prog='python -m timm_rc convert', description='Convert a trained network to an RC network '
                        '(timm_rc.convert_to_rc) and write its weights.')
     p.add_argument('source', metavar='MODEL_OR_RUN', help='a run folder, a weights file with --model, or a timm name')
     p.add_argument('--model', help='timm name when MODEL_OR_RUN is a weights file outside a run folder')
@@ -44,7 +44,7 @@ def _parser() -> ArgumentParser:
 
 @command
 def main(argv: Sequence[str]) -> RCConversion:
-    """ `python -m timm_rc.convert MODEL_OR_RUN --output FILE`: convert a trained run (or a timm model) to RC
+    """ `python -m timm_rc convert MODEL_OR_RUN --output FILE`: convert a trained run (or a timm model) to RC
     and write its weights (safetensors, each shared tensor once); prints what was shared and how to load or
     fine-tune the result. Bad input: one line, exit code 2. """
     args = _parser().parse_args(argv)

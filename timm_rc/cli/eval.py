@@ -1,16 +1,16 @@
-""" `python -m timm_rc.eval`: evaluate a trained (or untrained) model on a dataset's test split.
+""" `python -m timm_rc eval`: evaluate a trained (or untrained) model on a dataset's test split.
 
 One evaluation for every caller: the trainer's end-of-epoch test (`timm_rc.train.loop`) and this command
 call the same `evaluate`, so a finished run evaluated here gives exactly the test error its summary.json
 holds (same examples, batch size, precision and memory format: the run's own, read from run_config.json).
 
-    python -m timm_rc.eval runs/rc4_cifar10/seed0                      # a run folder
-    python -m timm_rc.eval runs/rc4_cifar10/seed0 --json               # one JSON object for scripts
-    python -m timm_rc.eval weights.safetensors --model rc4_cifar --model_kwargs '{"width": 16}' \\
+    python -m timm_rc eval runs/rc4_cifar10/seed0                      # a run folder
+    python -m timm_rc eval runs/rc4_cifar10/seed0 --json               # one JSON object for scripts
+    python -m timm_rc eval weights.safetensors --model rc4_cifar --model_kwargs '{"width": 16}' \\
         --data_dir ../shared/data/cifar10
-    python -m timm_rc.eval --model rc4_cifar --data_dir ../shared/data/cifar10   # untrained
-    python -m timm_rc.eval RUN [RUN ...] --steps 1,2,3,4,6,8 [--plot steps.png]  # cost-adjustable inference
-    python -m timm_rc.eval RUN --steps 2,6,8 --recalibrate 50        # each k' with its BN statistics re-estimated
+    python -m timm_rc eval --model rc4_cifar --data_dir ../shared/data/cifar10   # untrained
+    python -m timm_rc eval RUN [RUN ...] --steps 1,2,3,4,6,8 [--plot steps.png]  # cost-adjustable inference
+    python -m timm_rc eval RUN --steps 2,6,8 --recalibrate 50        # each k' with its BN statistics re-estimated
 
 `--steps`: each RC network runs k' unrolled steps per cell (`RCNet.set_steps`) for every k' listed; the
 command prints the test error and the FLOPs per image of each (one multiply-add counts 2 FLOPs), and
@@ -34,7 +34,7 @@ __all__ = ['main']
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog='python -m timm_rc.eval', description=__doc__.split('\n\n')[0].split(': ', 1)[1])
+    p = ArgumentParser(prog='python -m timm_rc eval', description=__doc__.split('\n\n')[0].split(': ', 1)[1])
     p.add_argument('sources', nargs='*', metavar='RUN_OR_WEIGHTS',
                    help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained; '
                         'several with --steps')
@@ -97,7 +97,7 @@ def _steps_table(r: Dict[str, Any]) -> str:
     kwargs = f' {json.dumps(r["model_kwargs"])}' if r['model_kwargs'] else ''
     precision = 'fp32' if r['mixed_precision'] == 'no' else r['mixed_precision']
     lines = [f'{r["source"] or "untrained"}: {r["model"]}{kwargs}, {r["params"]:,} params, trained with '
-             f'{r["trained_steps"]} steps per cell, bn_sharing {r["bn_sharing"]}, bn_policy {r["bn_policy"]}',
+             f'{r["trained_steps"]} step{"s" * (r["trained_steps"] != 1)} per cell, bn_sharing {r["bn_sharing"]}, bn_policy {r["bn_policy"]}',
              f'  on {r["data_dir"] or r["dataset"]} ({r["split"]} split), {r["device"]}, {precision}, '
              f'batch {r["batch_size"]}, {r["steps"][0]["examples"]:,} examples' if r['steps'] else '',
              f'  {"steps":>5}  {"top-1 error":>11}  {"top-5 error":>11}  {"MFLOPs/image":>12}'
@@ -117,7 +117,7 @@ def _steps_table(r: Dict[str, Any]) -> str:
 
 @command
 def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
-    """ `python -m timm_rc.eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json;
+    """ `python -m timm_rc eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json;
     with --steps, a table per run, or a JSON list of one object per run (its per-k' rows under 'steps').
     Bad input: one line on stderr and exit code 2. Returns the report(s) (for callers in Python). """
     import datasets

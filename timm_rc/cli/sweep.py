@@ -1,4 +1,4 @@
-""" `python -m timm_rc.sweep FILE [--dry-run] [--parallel N] [--gpus 0,1]`: run a W&B grid sweep file without a
+""" `python -m timm_rc sweep FILE [--dry-run] [--parallel N] [--gpus 0,1]`: run a W&B grid sweep file without a
 W&B server. A thin layer over `timm_rc.sweep_runner` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
 this command's --help, and `timm_rc.tables`.
 """
@@ -34,7 +34,7 @@ def _positive(text: str) -> int:
 
 @command(returns_code=True)
 def main(argv: Sequence[str]) -> int:
-    parser = ArgumentParser(prog='python -m timm_rc.sweep', description=sweep_runner.__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc sweep', description=sweep_runner.__doc__)
     parser.add_argument('sweep', help='a W&B sweep file (method: grid), e.g. train_configs/sweeps/table2_cifar10.yaml')
     parser.add_argument('--dry-run', action='store_true', help='print the commands (and what each run would do)')
     parser.add_argument('--parallel', type=_positive, default=None,
@@ -60,7 +60,7 @@ def main(argv: Sequence[str]) -> int:
             print(f'{shlex.join(r.command)}  # {note}')
         return 0
     parallel = args.parallel or (len(args.gpus) if args.gpus else 1)
-    again = shlex.join(['python', '-m', 'timm_rc.sweep', *argv])
+    again = shlex.join(['python', '-m', 'timm_rc', 'sweep', *argv])
     code = run_sweep(runs, name, parallel=parallel, gpus=args.gpus, again=again)
     if trainer and code != 130:
         found = collect([r.output_dir for r in runs if (r.output_dir / 'summary.json').is_file()])

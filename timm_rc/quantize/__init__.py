@@ -11,13 +11,13 @@ One module per scheme (`weight_only`: int8 per output channel, int4 in groups; `
 metadata.
 """
 from .files import BITS, FORMAT, SCALE_SUFFIX, SCHEMES, config_for_bits, dequantize_state_dict, dequantize_tensor, \
-    is_quantized, load_quantized, quantize_, quantize_state_dict, quantize_tensor, quantized_file_bytes, \
+    int8_weights, is_quantized, load_quantized, quantize_, quantize_state_dict, quantize_tensor, quantized_file_bytes, \
     quantized_metadata, quantized_name, register_scheme, save_quantized, scheme_from_metadata, unique_tensors
 from .pt2e import Int8Model, static_int8, untie_shared_weights
 from .weight_only import DEFAULT_GROUP_SIZE, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
 __all__ = ['Int8WeightOnlyConfig', 'Int4WeightOnlyConfig', 'DEFAULT_GROUP_SIZE', 'quantize_', 'save_quantized',
-           'load_quantized', 'quantized_metadata', 'is_quantized', 'quantized_name', 'quantize_state_dict',
+           'load_quantized', 'int8_weights', 'quantized_metadata', 'is_quantized', 'quantized_name', 'quantize_state_dict',
            'dequantize_state_dict', 'quantize_tensor', 'dequantize_tensor', 'quantized_file_bytes', 'unique_tensors',
            'SCHEMES', 'register_scheme', 'scheme_from_metadata', 'config_for_bits', 'FORMAT', 'SCALE_SUFFIX', 'BITS',
            'static_int8', 'untie_shared_weights', 'Int8Model']

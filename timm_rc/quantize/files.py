@@ -191,7 +191,7 @@ def _read_quantized(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
         raise UserError(f'cannot read {path}: {type(e).__name__}: {str(e)[:200]}') from None
     if metadata.get('format') != FORMAT:
         raise UserError(f'{path} is not a quantized timm_rc file (no {FORMAT!r} format in its metadata); write one '
-                        f'with python -m timm_rc.compress quantize RUN --bits 8')
+                        f'with python -m timm_rc compress quantize RUN --bits 8')
     return tensors, metadata
 
 
@@ -237,7 +237,7 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
     fit the model are a `UserError` naming the first mismatch. Returns the model in eval mode. """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f'{path} does not exist; write it with python -m timm_rc.compress quantize RUN --bits 8')
+        raise UserError(f'{path} does not exist; write it with python -m timm_rc compress quantize RUN --bits 8')
     tensors, metadata = _read_quantized(path)
     config = scheme_from_metadata(metadata)
     shapes = json.loads(metadata['quantized'])
@@ -253,6 +253,20 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
                         f'without a model (its metadata builds that one)')
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def int8_weights(path: Union[str, Path]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """ {state-dict key: (int8 data (out, K), fp32 scale (out,))} of a weight-only int8 file's quantized
+    weights, as the file stores them (what an int8 export stores; each shared weight once). """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{path} does not exist; write it with python -m timm_rc compress quantize RUN --bits 8')
+    tensors, metadata = _read_quantized(path)
+    config = scheme_from_metadata(metadata)
+    if config.name != 'int8':
+        raise UserError(f'{path} holds {config.name} weights; an int8 export takes an int8 file (python -m timm_rc '
+                        f'compress quantize RUN --bits 8)')
+    return {k: (tensors[k], tensors[k + SCALE_SUFFIX]) for k in json.loads(metadata['quantized'])}
 
 
 def quantized_name(config) -> str:
