@@ -1,0 +1,73 @@
+""" The converged campaign (issue 22): run a sweep's runs that have no committed result yet, and commit what finishes.
+
+    python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --parallel 2
+    python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --collect   # copy finished runs only
+
+Each run of the sweep writes to runs/<path> (e.g. runs/converged/w8/rc4_cifar10/seed0); a finished run's
+summary.json, metrics.jsonl and run_config.json are copied to benchmarks/results/<path>, which git keeps. A run
+whose committed summary has every epoch is not run again, on any machine; the sweep runner resumes an
+interrupted run from its newest checkpoint in runs/ (kept there, never committed: a machine that keeps runs/
+resumes it, a fresh clone starts it again). `--parallel 2` on 2 cores gives each run one thread (its share).
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from timm_rc.sweep_runner import load_sweep, plan, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results'
+FILES = ('summary.json', 'metrics.jsonl', 'run_config.json')
+
+
+def finished(folder: Path) -> bool:
+    """ Whether `folder` holds the summary of a run that trained every epoch. """
+    try:
+        s = json.loads((folder / 'summary.json').read_text())
+    except (OSError, ValueError):
+        return False
+    return s.get('epochs_completed') == s.get('epochs')
+
+
+def committed(output_dir: Path) -> Path:
+    return RESULTS / Path(output_dir).relative_to('runs')
+
+
+def collect(runs) -> list:
+    """ Copy every finished run's small files to benchmarks/results/; returns the folders written. """
+    written = []
+    for r in runs:
+        if finished(r.output_dir) and (r.output_dir / 'model.safetensors').is_file():
+            dest = committed(r.output_dir)
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                shutil.copyfile(r.output_dir / name, dest / name)
+            written.append(dest)
+    return written
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('sweep')
+    p.add_argument('--parallel', type=int, default=1)
+    p.add_argument('--collect', action='store_true', help='only copy the finished runs\' files')
+    args = p.parse_args()
+    name = Path(args.sweep).stem
+    runs = plan(load_sweep(args.sweep), name)
+    done = [r for r in runs if finished(committed(r.output_dir))]
+    print(f'{args.sweep}: {len(runs)} runs, {len(done)} committed under benchmarks/results/', flush=True)
+    code = 0
+    if not args.collect:
+        todo = [r for r in runs if r not in done]
+        code = run_sweep(todo, name, parallel=args.parallel,
+                         again=' '.join(['python', 'benchmarks/converged_cpu.py', args.sweep, '--parallel',
+                                         str(args.parallel)])) if todo else 0
+    for dest in collect(runs):
+        print(f'committed-ready: {dest.relative_to(REPO)}')
+    sys.exit(code)
+
+
+if __name__ == '__main__':
+    main()
