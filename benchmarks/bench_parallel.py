@@ -1,4 +1,4 @@
-""" Two CPU training runs one after the other against `python -m timm_rc.sweep --parallel 2` (issue 17, item 5).
+""" Two CPU training runs one after the other against `python -m timm_rc sweep --parallel 2` (issue 17, item 5).
 
     python benchmarks/bench_parallel.py --data_dir ../shared/data/cifar10
 

@@ -5,7 +5,7 @@ an RC network can then be compressed further by existing methods such as weight 
 (`timm_rc.quantize`). `compression_report` measures one model: unique params, weights file bytes,
 FLOPs, training activation memory, CPU latency and, given an evaluation, the test error, also of its
 weight-quantized forms. `report_models`, `quantize_run` and `int8_run` are what the three
-`python -m timm_rc.compress` commands (report, quantize, int8) do, on run folders or registered names.
+`python -m timm_rc compress` commands (report, quantize, int8) do, on run folders or registered names.
 """
 import copy
 import statistics
@@ -165,7 +165,7 @@ def _need_run_folder(run: str, command: str) -> None:
                         f'that holds it')
     if not Path(run).exists():
         raise UserError(f'{command} takes a run folder (holding model.safetensors); {run} does not exist (registered '
-                        f'model names go to python -m timm_rc.compress report)')
+                        f'model names go to python -m timm_rc compress report)')
 
 
 def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE, dataset: Optional[str] = None,

@@ -34,7 +34,7 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
     file = overlay.get('file') if isinstance(overlay, dict) else None
     if kwargs.get('pretrained') and file and not Path(file).is_file():
         raise UserError(f'the starting weights {file} (model_kwargs pretrained_cfg_overlay) do not exist; give the file '
-                        f'written by python -m timm_rc.convert or a training run\'s model.safetensors')
+                        f'written by python -m timm_rc convert or a training run\'s model.safetensors')
     shown = name.removeprefix('local-dir:')
     try:
         return timm.create_model(name, **kwargs)

@@ -1,8 +1,8 @@
-""" The paper's figures from run folders (what `python -m timm_rc.plots` draws).
+""" The paper's figures from run folders (what `python -m timm_rc plots` draws).
 
-    python -m timm_rc.plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4
-    python -m timm_rc.plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2
-    python -m timm_rc.eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
+    python -m timm_rc plots bn RUN_DIR [--epoch N] [--out DIR]     # Figures 1(b), 3 and 4
+    python -m timm_rc plots curves RUN_DIR [RUN_DIR ...] [--out F]  # Figure 2
+    python -m timm_rc eval RUN_DIR [RUN_DIR ...] --steps 1,2,4,8 --plot F  # error against FLOPs per image
 
 `bn`: for each RC cell, the first and second BN layer of every unrolling step: running mean, running
 variance, gamma and beta across channels, one curve per step (read from `bn_stats/epoch_N.safetensors`,
@@ -10,7 +10,7 @@ the last epoch by default). `curves`: training loss and test error against epoch
 `metrics.jsonl`), one line per run. Every figure's title names the model (with its kwargs) and the run
 folder; epochs and channels get integer ticks. `bn_figures` and `curves_figure` return the matplotlib
 figures, `plot_bn` and `plot_curves` write them as PNG files. `steps_figure` / `plot_steps` draw the
-cost-adjustable inference of the extended version from `python -m timm_rc.eval --steps` reports: test
+cost-adjustable inference of the extended version from `python -m timm_rc eval --steps` reports: test
 error against FLOPs per image, one line per run, each point labelled with its k'. `tradeoff_figure` / `plot_tradeoff` draw the compression trade-off: test error
 against unique parameters, one point per row of the results table (mean ± std over seeds).
 """
@@ -152,7 +152,7 @@ def _report_label(report: Dict) -> str:
 
 def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     """ Test error against FLOPs per image for k' unrolled steps, one line per run; `reports` are
-    `python -m timm_rc.eval --steps` reports (each with its per-k' rows under 'steps'). """
+    `python -m timm_rc eval --steps` reports (each with its per-k' rows under 'steps'). """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in reports:

@@ -58,7 +58,7 @@ def load_model(
       is built from its run_config.json. `model` builds that timm model instead, with the folder's weights.
     * `source` a weights file (model.safetensors, or a checkpoint's): needs `model` (and the
       `model_kwargs` it was trained with), unless the file lies in a run folder, whose model is then used.
-    * `source` a weight-quantized file (`python -m timm_rc.compress quantize`): its dequantized weights in
+    * `source` a weight-quantized file (`python -m timm_rc compress quantize`): its dequantized weights in
       the model its metadata names (kwargs given on top), or in `model`.
     * no `source`: the timm model `model` as created (untrained, or timm's pretrained tag).
 
@@ -81,7 +81,7 @@ def load_model(
             hint = f'; the run is not finished: evaluate its newest checkpoint with {ckpts[-1]}'
         raise UserError(f'{source} holds no {Run.WEIGHTS}; give a run folder written by the trainer (or timm\'s '
                         f'save_for_hf) or a weights file{hint}')
-    if quantize.is_quantized(weights):  # python -m timm_rc.compress quantize wrote it
+    if quantize.is_quantized(weights):  # python -m timm_rc compress quantize wrote it
         if model is None:  # the file's model, with the kwargs given on top: must still fit
             name, file_kwargs = quantize.quantized_metadata(weights)
             if not name:

@@ -364,7 +364,7 @@ def _fill_aliases(module: Unrolled, state_dict, prefix: str, local_metadata, str
             f'{len(differing)} tensor(s) such as {differing[0]} hold other values than the weights that '
             f'{prefix.rstrip(".") or "the cell"} shares across its steps (under {prefix}steps.0): these weights are of a network '
             f'with unshared weights (e.g. rc4_unshared_cifar); load them into that network, or convert them with '
-            f'timm_rc.convert_to_rc / python -m timm_rc.convert')
+            f'timm_rc.convert_to_rc / python -m timm_rc convert')
 
 
 def _same_tensor(a, b) -> bool:

@@ -45,7 +45,7 @@ def _create_rc(base: str, pretrained: bool = False, bn_sharing: str = 'independe
     if isinstance(pretrained_cfg, str):
         name, pretrained_cfg = f'{base}.{pretrained_cfg}', None
     converted = _converted_file(pretrained, pretrained_cfg, kwargs.get('pretrained_cfg_overlay'))
-    if converted is not None:  # weights of the RC network itself (a trained run, python -m timm_rc.convert)
+    if converted is not None:  # weights of the RC network itself (a trained run, python -m timm_rc convert)
         kwargs.pop('pretrained_cfg_overlay', None)
         model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     else:  # the base's weights (hub, file), converted below
