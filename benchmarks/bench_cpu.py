@@ -257,6 +257,7 @@ def main():
     p.add_argument('--seconds', type=float, default=2.5, help='length of each timing window')
     p.add_argument('--profile', metavar='MODEL:WIDTH:SETTING', help='print where one setting spends its time')
     p.add_argument('--parts', type=int, nargs='+', default=[1, 2, 3, 4], help='which parts to run (1-4)')
+    p.add_argument('--defaults_only', action='store_true', help='part 4: train.py with its defaults only')
     p.add_argument('--json', help='also write the rows here')
     p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -331,9 +332,9 @@ def main():
                             best[(model_name, width, 'eager')])
                 base = best[(model_name, width, 'eager')]
                 variants = [('defaults', [])]
-                if model_name in ('rc4_cifar', 'rc4_unshared_cifar'):
+                if model_name in ('rc4_cifar', 'rc4_unshared_cifar') and not args.defaults_only:
                     variants.append(('defaults + --compile true', ['--compile', 'true']))
-                if model_name == 'rc4_cifar':
+                if model_name == 'rc4_cifar' and not args.defaults_only:
                     variants += [('defaults, --num_threads 1', ['--num_threads', '1']),
                                  ('defaults + --compile true, --num_threads 1', ['--compile', 'true', '--num_threads', '1'])]
                 for label, extra in variants:

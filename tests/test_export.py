@@ -98,6 +98,12 @@ def test_bad_export_input_is_one_line(tmp_path, capsys, monkeypatch):
         f'error: --output {tmp_path / "x.bin"}: name the file *.onnx (ONNX) or *.pt2 (torch.export)\n'
     assert 'has no model.int8.safetensors: write it with python -m timm_rc compress quantize' in \
         exits_2(main, [str(tmp_path), '--int8', '--output', str(tmp_path / 'q.onnx')], capsys)
+    assert exits_2(main, ['rc4_cifar', '--int8', '--output', str(tmp_path / 'q.pt2')], capsys) == \
+        'error: --int8 writes ONNX (int8 weights behind DequantizeLinear nodes); name the file *.onnx, not q.pt2\n'
+    assert exits_2(main, [str(tmp_path / 'runs' / 'nope'), '--output', str(tmp_path / 'x.onnx')], capsys) == \
+        f'error: {tmp_path / "runs" / "nope"} does not exist; give a run folder, a weights file or a timm name (e.g. ' \
+        f'rc4_cifar)\n'
+    assert "unknown model 'rc9_cifar'; similar names: " in exits_2(main, ['rc9_cifar', '--output', str(tmp_path / 'x.onnx')], capsys)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnxscript' else real(name, *a))
     assert exits_2(main, ['rc4_cifar', '--output', str(tmp_path / 'x.onnx')], capsys) == \

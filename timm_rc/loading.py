@@ -20,7 +20,7 @@ from .create import create_model
 from .errors import UserError
 from .runs import Run
 
-__all__ = ['load_model', 'load_weights', 'load_spec', 'source_identity']
+__all__ = ['load_model', 'load_weights', 'load_spec', 'load_source', 'source_identity']
 
 
 def load_weights(model: nn.Module, weights: Union[str, Path], what: str) -> None:
@@ -140,3 +140,18 @@ def load_spec(spec: str, model_kwargs: Optional[Dict[str, Any]] = None
     if '/' in spec or spec.startswith('.'):
         raise UserError(f'{spec} does not exist; give a run folder or a registered model name (e.g. rc4_cifar)')
     return create_model(spec, dict(model_kwargs or {})).eval(), None, spec, dict(model_kwargs or {})
+
+
+def load_source(source: Union[str, Path], model: Optional[str] = None,
+                model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """ The model a command's SOURCE names: a run folder, a weights file (with `model` where it lies outside
+    a run), a quantized file, or a timm name (built with `model_kwargs`, timm's pretrained weights where
+    `model_kwargs` asks for them). A path that does not exist is an error, not a model name. """
+    path = Path(source)
+    if path.exists():
+        return load_model(path, model, model_kwargs)
+    if '/' in str(source) or str(source).startswith('.') or path.suffix in ('.safetensors', '.pth', '.pt', '.bin'):
+        raise UserError(f'{source} does not exist; give a run folder, a weights file or a timm name (e.g. rc4_cifar)')
+    if model is not None and model != str(source):
+        raise UserError(f'{source} is a timm name and --model names another ({model}); --model is for a weights file')
+    return load_model(None, str(source), model_kwargs)

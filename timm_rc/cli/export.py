@@ -16,7 +16,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..export import export_model, require_onnx
-from ..loading import load_model
+from ..loading import load_model, load_source
 from ..quantize import int8_weights, is_quantized, quantized_name
 from ..runs import Run
 from .common import ArgumentParser, add_threads_option, command, json_object, run, set_threads
@@ -62,20 +62,20 @@ def main(argv: Sequence[str]) -> dict:
     output = Path(args.output)
     if output.suffix.lower() not in ('.onnx', '.pt2'):
         raise UserError(f'--output {args.output}: name the file *.onnx (ONNX) or *.pt2 (torch.export)')
+    if args.int8 and output.suffix.lower() != '.onnx':
+        raise UserError(f'--int8 writes ONNX (int8 weights behind DequantizeLinear nodes); name the file *.onnx, '
+                        f'not {output.name}')
     if output.suffix.lower() == '.onnx':
         require_onnx()  # before anything is loaded
     if output.exists() and output.is_dir():
         raise UserError(f'--output {args.output} is a folder; name a file *.onnx or *.pt2')
-    source = Path(args.source)
     quantized = None
     if args.int8:
         int8_path = _int8_file(args.source)
         quantized = int8_weights(int8_path)
         model = load_model(int8_path)
     else:
-        model = load_model(args.source if source.exists() else None, args.model or (None if source.exists() else
-                                                                                      args.source),
-                           json_object(args.model_kwargs))
+        model = load_source(args.source, args.model, json_object(args.model_kwargs))
     report = export_model(model, output, quantized=quantized)
     out = report.to_dict()
     if args.json:
