@@ -202,10 +202,10 @@ def export_model(model: nn.Module, path: Union[str, Path], format: Optional[str]
         diffs = check_onnx(path, x, expected) if check else {}
         report = ExportReport(str(path), fmt, path.stat().st_size, opset, quantized is not None,
                               int8_count if quantized is not None else 0, len(quantized or {}), _model_weights(model),
-                              onnx_weights(path), diffs)
+                              onnx_weights(path), diffs, TOLERANCE if quantized is None else 1e-3)
     if check:
         worst = max(report.max_abs_diff.values())
-        limit = TOLERANCE if quantized is None else 1e-3
+        limit = report.tolerance
         if not worst <= limit:
             raise UserError(f'the exported {path.name} does not give the model\'s outputs: max abs difference '
                             f'{worst:.3g} (limit {limit:g}) at {report.max_abs_diff}')
