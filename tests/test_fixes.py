@@ -120,13 +120,18 @@ def test_output_dir_takes_the_config_files_name(tmp_path):
 
 
 def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_path, monkeypatch):
-    """ cpu_demo.yaml sets num_threads 2: under --parallel 2 on 2 cores each run oversubscribed them (13-16x
+    """ A config with num_threads 2 (cpu_demo.yaml had it): under --parallel 2 on 2 cores each run oversubscribed them (13-16x
     slower); the runner now puts its share on the trainer's command line, which beats the config file. """
     import io
     from timm_rc import sweep_runner
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'train.py').write_text((REPO / 'train.py').read_text())
+    (tmp_path / 'two.yaml').write_text('model: rc4_cifar\nnum_threads: 2\nlog_with: none\n'
+                                       'output_dir: runs/{model}/seed{seed}\n')
+    (tmp_path / 'sweep.yaml').write_text('program: train.py\nmethod: grid\nparameters:\n  config: {value: two.yaml}\n'
+                                         '  seed: {values: [0, 1]}\n')
     monkeypatch.setattr(sweep_runner, 'cpu_threads_per_run', lambda parallel, gpus, environ: 1)
-    runs = sweep_runner.plan(sweep_runner.load_sweep('train_configs/sweeps/cpu_demo.yaml'), 'cpu_demo')
+    runs = sweep_runner.plan(sweep_runner.load_sweep('sweep.yaml'), 'two')
     assert [r.num_threads for r in runs] == [2, 2]
     started = []
 
@@ -145,7 +150,7 @@ def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_pa
         r.log_file = tmp_path / f'{r.index}.log'
         r.output_dir = tmp_path / f'out{r.index}'
     stream = io.StringIO()
-    assert sweep_runner.run_sweep(runs, 'cpu_demo', parallel=2, stream=stream) == 0
+    assert sweep_runner.run_sweep(runs, 'two', parallel=2, stream=stream) == 0
     for command, omp in started:
         assert command[-2:] == ['--num_threads', '1'] and command.count('--num_threads') == 1 and omp == '1'
     assert "with 1 CPU thread (its share of the cores; the run's num_threads 2 would oversubscribe them)" in \
