@@ -2,6 +2,7 @@
 
     python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --parallel 2
     python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --collect   # copy finished runs only
+    OMP_NUM_THREADS=1 python benchmarks/converged_cpu.py SWEEP --only rc1_,sharedbn      # one lane: these runs in turn
 
 Each run of the sweep writes to runs/<path> (e.g. runs/converged/w8/rc4_cifar10/seed0); a finished run's
 summary.json, metrics.jsonl and run_config.json are copied to benchmarks/results/<path>, which git keeps. A run
@@ -53,9 +54,17 @@ def main():
     p.add_argument('sweep')
     p.add_argument('--parallel', type=int, default=1)
     p.add_argument('--collect', action='store_true', help='only copy the finished runs\' files')
+    p.add_argument('--only', default='', help='comma-separated parts of output folders: run only the runs whose '
+                   'folder contains one (e.g. resnet18_cifar10/seed1); two such lanes with OMP_NUM_THREADS=1 '
+                   'share 2 cores like --parallel 2, each in its own order')
     args = p.parse_args()
     name = Path(args.sweep).stem
     runs = plan(load_sweep(args.sweep), name)
+    if args.only:
+        parts = [x for x in args.only.split(',') if x]
+        runs = [r for r in runs if any(x in str(r.output_dir) for x in parts)]
+        if not runs:
+            sys.exit(f'--only {args.only}: no run of {args.sweep} has a folder containing it')
     done = [r for r in runs if finished(committed(r.output_dir))]
     print(f'{args.sweep}: {len(runs)} runs, {len(done)} committed under benchmarks/results/', flush=True)
     code = 0

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Compression at convergence (issue 22, item 4), from the converged width-8 runs of converged_w8.yaml:
+#   int8  weight-only int8 of the converged RC-4 and of the ResNet-18 graph (per output channel)
+#   convert  the ResNet-18 graph converted to RC-4: average init, BN re-estimated on 50 batches, distilled
+#            10 epochs from the ResNet-18 graph (lr 0.01, / 10 at epoch 6), then int8 of the result
+#   relaxed  the same conversion with per-step rank-r corrections, r = 1, 2, 4, each distilled 10 epochs
+# One CPU thread per command, so that a second run can share the 2 cores. Every step skips what is done, so
+# a second copy can take other steps at the same time (e.g. `... convert` beside `... relaxed`). Usage:
+#   bash benchmarks/converged_compress_cpu.sh [int8] [convert] [relaxed]      (default: all three)
+# Small results go to benchmarks/results/converged/w8_compress/; weights stay in runs/converged/w8_compress/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=runs/converged/w8
+TEACHER=$RUNS/resnet18_cifar10/seed0
+RC4=$RUNS/rc4_cifar10/seed0
+WORK=runs/converged/w8_compress
+OUT=benchmarks/results/converged/w8_compress
+COMMON=(--num_threads 1)
+STEPS=("${@:-int8 convert relaxed}"); STEPS=(${STEPS[*]})
+mkdir -p "$WORK" "$OUT"
+for f in "$TEACHER" "$RC4"; do
+  [ -f "$f/model.safetensors" ] || { echo "needs the converged run $f (converged_w8.yaml)" >&2; exit 2; }
+done
+keep() {  # a run's small files into benchmarks/results
+  mkdir -p "$OUT/$1"; cp "$WORK/$1"/{summary.json,run_config.json,metrics.jsonl} "$OUT/$1/"; }
+int8() {  # run folder, name of the JSON written
+  [ -f "$OUT/$2" ] || python3 -m timm_rc compress quantize "$1" --bits 8 --json "${COMMON[@]}" > "$OUT/$2"; }
+distilled() {  # rank ('' for none): convert, re-estimate BN, distill 10 epochs, int8
+  local TAG=rc4_average${1:+_rank$1}_recal50 FILE R
+  FILE=$WORK/converted/$TAG.safetensors
+  mkdir -p "$WORK/converted"
+  [ -f "$OUT/convert_$TAG.json" ] || python3 -m timm_rc convert "$TEACHER" --init average ${1:+--rank $1} \
+      --recalibrate 50 --json --output "$FILE" "${COMMON[@]}" > "$OUT/convert_$TAG.json"
+  R=${TAG}_kd10/seed0
+  local START='{"width": 8'${1:+', "rank": '$1}', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
+  [ -f "$WORK/$R/summary.json" ] || python3 train.py --config train_configs/rc4_cifar10.yaml --model_kwargs "$START" \
+      --log_with none "${COMMON[@]}" --epochs 10 --lr 0.01 --lr_milestones 6 --seed 0 --teacher "$TEACHER" \
+      --output_dir "$WORK/$R"
+  keep "$R"
+  int8 "$WORK/$R" "int8_$TAG.json"
+}
+for STEP in "${STEPS[@]}"; do
+  case $STEP in
+    int8) int8 "$RC4" int8_rc4.json; int8 "$TEACHER" int8_resnet18.json ;;
+    convert) distilled '' ;;
+    relaxed) for RANK in 1 2 4; do distilled $RANK; done ;;
+    *) echo "unknown step $STEP: int8, convert or relaxed" >&2; exit 2 ;;
+  esac
+done
