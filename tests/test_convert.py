@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_rc
-import timm_rc.loading
+import timm_rc.runs.source
 from timm_rc import Unrolled, convert_to_rc, find_runs
 
 # (params before, after) by the rule: total minus the non-BN parameters of every block of a run after its first
@@ -291,7 +291,7 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     assert "--model rc4_cifar --model_kwargs '{\"width\": 4, \"pretrained\": true" in out
     rc4 = timm.create_model('rc4_cifar', width=4, pretrained=True,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'converted/rc4.safetensors')))
-    plain = timm_rc.loading.load_model(tmp_path / 'runs/r18').eval()
+    plain = timm_rc.runs.source.load_model(tmp_path / 'runs/r18').eval()
     assert torch.equal(rc4.cell2.steps[3].conv1.weight, plain.cell2.steps[0].conv1.weight)
     assert torch.equal(rc4.cell2.steps[3].bn1.running_mean, plain.cell2.steps[3].bn1.running_mean)
     kwargs = json.dumps({'width': 4, 'pretrained': True, 'pretrained_cfg_overlay': {'file': 'converted/rc4.safetensors'}})

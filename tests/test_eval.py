@@ -15,7 +15,7 @@ from test_train import SHARED_CIFAR10, TINY, make_parquet, run
 from cli_helpers import exits_2 as _exits_2, json_result
 from timm_rc.cli.eval import main
 from timm_rc.evaluation import EvalResult, evaluate, model_mean_std
-from timm_rc.loading import load_model
+from timm_rc.runs.source import load_model
 from timm_rc.train import UserError, reset_accelerate_state
 from timm_rc.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
 
@@ -166,7 +166,7 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     cases = [
         ([str(tmp_path / 'nope')], 'nope does not exist; give a run folder (holding model.safetensors) or a weights'),
         ([str(tmp_path)], 'holds no model.safetensors; give a run folder written by the trainer'),
-        ([str(unfinished)], 'the run is not finished: evaluate its newest checkpoint with '
+        ([str(unfinished)], 'the run is not finished: its newest checkpoint is '
                             f'{unfinished}/checkpoints/epoch_0001/model.safetensors'),
         ([], 'nothing to evaluate: give a run folder or a weights file, or --model NAME'),
         ([stray], 'is a weights file outside a run folder: name its model with --model'),
@@ -208,7 +208,7 @@ def test_a_slice_of_the_real_cifar10(capsys):
 def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
     import shutil
     import timm
-    from timm_rc.loading import load_model
+    from timm_rc.runs.source import load_model
     model = timm.create_model('rc2_cifar', width=4, block='preact')
     run = tmp_path / 'old'
     from timm.models import save_for_hf
@@ -227,13 +227,23 @@ def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
 
 
 @pytest.mark.parametrize('old,name,new', [
-    ('timm_rc.eval', 'evaluate', 'timm_rc.evaluation'), ('timm_rc.eval', 'find_run', 'timm_rc.runs'),
-    ('timm_rc.eval', 'load_model', 'timm_rc.loading'), ('timm_rc.compress', 'static_int8', 'timm_rc.quantize'),
-    ('timm_rc.compress', 'report_models', 'timm_rc.compression'), ('timm_rc.results', 'table', 'timm_rc.tables'),
-    ('timm_rc.plots', 'plot_bn', 'timm_rc.figures'), ('timm_rc.sweep', 'plan', 'timm_rc.sweep_runner'),
-    ('timm_rc.train.config', 'TrainConfig', 'timm_rc.config'), ('timm_rc.train.data', 'load_image_splits', 'timm_rc.data'),
-    ('timm_rc.train.checkpoint', 'choose_checkpoint', 'timm_rc.checkpoints'),
+    ('timm_rc.eval', 'evaluate', 'timm_rc.evaluation'), ('timm_rc.eval', 'find_run', 'timm_rc.runs.folder'),
+    ('timm_rc.eval', 'load_model', 'timm_rc.runs.source'), ('timm_rc.compress', 'static_int8', 'timm_rc.quantize'),
+    ('timm_rc.compress', 'report_models', 'timm_rc.deploy.compression'), ('timm_rc.results', 'table', 'timm_rc.reports.tables'),
+    ('timm_rc.plots', 'plot_bn', 'timm_rc.reports.figures'), ('timm_rc.sweep', 'plan', 'timm_rc.train.sweeps'),
+    ('timm_rc.train.config', 'TrainConfig', 'timm_rc.runs.config'), ('timm_rc.train.data', 'load_image_splits', 'timm_rc.data'),
+    ('timm_rc.train.checkpoint', 'choose_checkpoint', 'timm_rc.runs.checkpoints'),
     ('timm_rc.train', 'main', 'timm_rc.cli.train'), ('timm_rc.train.loop', 'main', 'timm_rc.cli.train'),
+    # the modules that moved into subpackages in 0.3.0
+    ('timm_rc.create', 'create_model', 'timm_rc.models.create'), ('timm_rc.config', 'load_config', 'timm_rc.runs.config'),
+    ('timm_rc.checkpoints', 'latest_checkpoint', 'timm_rc.runs.checkpoints'),
+    ('timm_rc.loading', 'load_model', 'timm_rc.runs.source'),
+    ('timm_rc.recalibration', 'recalibrate_bn', 'timm_rc.evaluation.recalibration'),
+    ('timm_rc.compression', 'model_size', 'timm_rc.deploy.compression'),
+    ('timm_rc.convert_weights', 'convert_weights', 'timm_rc.deploy.convert'),
+    ('timm_rc.distillation', 'load_teacher', 'timm_rc.train.distillation'),
+    ('timm_rc.sweep_runner', 'load_sweep', 'timm_rc.train.sweeps'), ('timm_rc.formatting', 'format_table', 'timm_rc.reports.formatting'),
+    ('timm_rc.export', 'export_model', 'timm_rc.deploy.export'),
 ])
 def test_names_of_0_2_0_still_import_with_one_deprecation_warning(old, name, new):
     import importlib

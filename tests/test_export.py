@@ -26,7 +26,7 @@ def trained_like(name, **kwargs):
 
 
 def test_onnx_gives_the_outputs_at_every_optimization_level_and_keeps_the_sharing(tmp_path):
-    from timm_rc.export import ORT_LEVELS, export_model, onnx_weights
+    from timm_rc.deploy.export import ORT_LEVELS, export_model, onnx_weights
     rc4 = export_model(trained_like('rc4_cifar', width=16), tmp_path / 'rc4.onnx')
     plain = export_model(trained_like('rc4_unshared_cifar', width=16), tmp_path / 'r18.onnx')
     for r in (rc4, plain):
@@ -42,7 +42,7 @@ def test_onnx_gives_the_outputs_at_every_optimization_level_and_keeps_the_sharin
 
 
 def test_the_dynamic_batch_axis_takes_other_batch_sizes(tmp_path):
-    from timm_rc.export import export_model
+    from timm_rc.deploy.export import export_model
     model = trained_like('rc2_cifar', width=4)
     export_model(model, tmp_path / 'm.onnx')
     session = onnxruntime.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
@@ -53,7 +53,7 @@ def test_the_dynamic_batch_axis_takes_other_batch_sizes(tmp_path):
 
 
 def test_pt2_keeps_the_sharing(tmp_path):
-    from timm_rc.export import export_model
+    from timm_rc.deploy.export import export_model
     rc4 = export_model(trained_like('rc4_cifar', width=4), tmp_path / 'rc4.pt2')
     plain = export_model(trained_like('rc4_unshared_cifar', width=4), tmp_path / 'r18.pt2')
     assert rc4.max_abs_diff == {'torch': 0.0} and rc4.stored_weights == rc4.model_weights
@@ -62,7 +62,7 @@ def test_pt2_keeps_the_sharing(tmp_path):
 
 def test_a_copied_shared_weight_is_refused(tmp_path, monkeypatch):
     """ What Conv+BN folding into a shared weight would do: store it once per step. The check must fail. """
-    from timm_rc import export
+    from timm_rc.deploy import export
     from timm_rc.errors import UserError
     monkeypatch.setattr(export, 'onnx_weights', lambda path: 10 ** 9)
     with pytest.raises(UserError, match='the export copied shared weights and lost the compression'):

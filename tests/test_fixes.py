@@ -69,7 +69,7 @@ def test_an_output_dir_that_is_a_file_is_named(data, tmp_path, capsys):
 @pytest.mark.parametrize('text, where', [('{"width": 8', 'Expecting \',\' delimiter: column 12'),
                                          ('{"width: 8}', 'Unterminated string starting at: column 2')])
 def test_invalid_json_in_model_kwargs_says_where(text, where):
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     from timm_rc.errors import UserError
     with pytest.raises(UserError) as e:
         load_config(['--model_kwargs', text])
@@ -77,7 +77,7 @@ def test_invalid_json_in_model_kwargs_says_where(text, where):
 
 
 def test_yaml_style_model_kwargs_still_work():
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     assert load_config(['--model_kwargs', '{width: 8}']).model_kwargs == {'width': 8}
 
 
@@ -111,7 +111,7 @@ def test_loading_data_prints_no_progress_bars_of_datasets(data, capfd):
 
 
 def test_output_dir_takes_the_config_files_name(tmp_path):
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     cfg_file = tmp_path / 'rc4_sharedbn_cifar10.yaml'
     cfg_file.write_text('model: rc4_cifar\n')
     cfg = load_config(['--config', str(cfg_file), '--output_dir', 'runs/w8/{config}/seed{seed}', '--seed', '2'])
@@ -123,7 +123,7 @@ def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_pa
     """ A config with num_threads 2 (cpu_demo.yaml had it): under --parallel 2 on 2 cores each run oversubscribed them (13-16x
     slower); the runner now puts its share on the trainer's command line, which beats the config file. """
     import io
-    from timm_rc import sweep_runner
+    from timm_rc.train import sweeps as sweep_runner
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'train.py').write_text((REPO / 'train.py').read_text())
     (tmp_path / 'two.yaml').write_text('model: rc4_cifar\nnum_threads: 2\nlog_with: none\n'
@@ -158,7 +158,7 @@ def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_pa
 
 
 def test_without_option_drops_both_spellings():
-    from timm_rc.sweep_runner import _without_option
+    from timm_rc.train.sweeps import _without_option
     assert _without_option(['a', '--num_threads', '2', 'b', '--num_threads=4', 'c'], '--num_threads') == ['a', 'b', 'c']
 
 

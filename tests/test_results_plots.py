@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_rc import figures as plots, tables as results
+from timm_rc.reports import figures as plots
+from timm_rc.reports import tables as results
 from timm_rc.cli.results import main as results_main
 
 # run_config.json as the trainer writes it (timm_rc/train/loop.py: the config plus resolved values)

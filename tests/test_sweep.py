@@ -15,7 +15,7 @@ import yaml
 
 from test_train import make_parquet
 from timm_rc.cli.sweep import main
-from timm_rc.sweep_runner import LOG_HEADER, Overview, Run, expand_command, grid
+from timm_rc.train.sweeps import LOG_HEADER, Overview, Run, expand_command, grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / 'train_configs' / 'sweeps').glob('*.yaml'))
@@ -247,7 +247,7 @@ def test_parallel_cpu_runs_get_their_share_of_the_cores(tmp_path, monkeypatch, c
     """ Without GPUs, N runs at once get cores // N threads each (OMP_NUM_THREADS), unless the user chose
     (OMP_NUM_THREADS set, or --num_threads in the command); one run at a time keeps the default (issue 17,
     item 5). """
-    import timm_rc.sweep_runner as runner
+    import timm_rc.train.sweeps as runner
     monkeypatch.setattr('torch.cuda.is_available', lambda: False)
     monkeypatch.setattr(runner.os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
     assert runner.cpu_threads_per_run(2, None, {}) == 4 and runner.cpu_threads_per_run(3, None, {}) == 2

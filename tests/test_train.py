@@ -132,7 +132,7 @@ def test_final_model_loads_in_timm_and_reproduces_the_test_error(tiny_run, tiny_
 
 
 def test_plots_and_results_table(tiny_run, tmp_path):
-    from timm_rc.figures import plot_bn, plot_curves
+    from timm_rc.reports.figures import plot_bn, plot_curves
     from timm_rc.results import collect, table
     out, summary = tiny_run
     pngs = plot_bn(out, out=tmp_path)
@@ -806,7 +806,7 @@ def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
 
 
 def test_cpu_demo_config_and_sweep(tiny_data, tmp_path, monkeypatch):
-    from timm_rc.sweep_runner import load_sweep, plan
+    from timm_rc.train.sweeps import load_sweep, plan
     # the sweep's paths are relative to the folder it runs from (the repository, as for `wandb agent`);
     # a copy of that layout keeps the repository's own runs/ out of the test
     for name in ('train_configs', 'train.py'):

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import UserError
-from ..formatting import format_table
+from ..reports.formatting import format_table
 
 __all__ = ['ArgumentParser', 'command', 'run', 'fail', 'add_threads_option', 'set_threads', 'json_object', 'int_list', 'positive', 'format_table']
 

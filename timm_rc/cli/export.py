@@ -8,15 +8,15 @@
 
 Every file is checked before the command says it wrote it: loaded back and run against the model (ONNX in
 onnxruntime at every graph optimization level), and checked to store each shared weight once. Needs the
-`export` extra for ONNX: pip install "timm_rc[export]". A thin layer over `timm_rc.export.export_model`.
+`export` extra for ONNX: pip install "timm_rc[export]". A thin layer over `timm_rc.deploy.export.export_model`.
 """
 import json
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..export import export_model, require_onnx
-from ..loading import load_model, load_source
+from ..deploy.export import export_model, require_onnx
+from ..runs.source import load_model, load_source
 from ..quantize import int8_weights, is_quantized, quantized_name
 from ..runs import Run
 from .common import ArgumentParser, add_threads_option, command, json_object, run, set_threads

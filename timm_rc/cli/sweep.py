@@ -1,6 +1,6 @@
 """ `python -m timm_rc sweep FILE [--dry-run] [--parallel N] [--gpus 0,1]`: run a W&B grid sweep file without a
-W&B server. A thin layer over `timm_rc.sweep_runner` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
-this command's --help, and `timm_rc.tables`.
+W&B server. A thin layer over `timm_rc.train.sweeps` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
+this command's --help, and `timm_rc.reports.tables`.
 """
 import argparse
 import shlex
@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import List, Sequence
 
 from .. import sweep_runner
-from ..sweep_runner import load_sweep, plan, run_sweep
-from ..tables import collect, table
+from ..train.sweeps import load_sweep, plan, run_sweep
+from ..reports.tables import collect, table
 from .common import ArgumentParser, command, run
 
 __all__ = ['main']

@@ -2,9 +2,9 @@
 
     accelerate launch train.py --config train_configs/rc4_cifar10.yaml [--key value ...]
     python train.py --model rc4_cifar --data_dir ../shared/data/cifar10 --epochs 1
-    python train.py --help                                   # every key, from timm_rc.config.TrainConfig
+    python train.py --help                                   # every key, from timm_rc.runs.config.TrainConfig
 
-A thin layer over `timm_rc.train.train`: parses the config (`timm_rc.config.load_config`), runs, and
+A thin layer over `timm_rc.train.train`: parses the config (`timm_rc.runs.config.load_config`), runs, and
 turns what stops a run into an exit code: a user error is one line (from the main process only) and
 exit code 2, a diverged run 3, Ctrl-C or SIGTERM 130 with where to resume.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
-from ..config import TrainConfig, config_help, wants_help
+from ..runs.config import TrainConfig, config_help, wants_help
 from ..errors import UserError
 from ..runs import Run, load_run_config
 from ..train.loop import Diverged, train

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoints import usual_mode
+from ..runs.checkpoints import usual_mode
 from ..layers import Unrolled
 
 __all__ = ['per_step_bn', 'bn_scalars', 'save_bn_stats', 'STATS']

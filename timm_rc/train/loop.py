@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from .._deprecated import alias
-from ..checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
+from ..runs.checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
     save_checkpoint
-from ..config import INIT_KWARGS, TrainConfig, paper_epochs
-from ..create import create_model
-from ..distillation import Teacher, check_teacher, distillation_task, load_teacher
+from ..runs.config import INIT_KWARGS, TrainConfig, paper_epochs
+from ..models.create import create_model
+from .distillation import Teacher, check_teacher, distillation_task, load_teacher
 from ..data import BatchedTensorDataset, GpuBatches, Splits, augment, collate_batch, epoch_generator, load_splits, \
     normalize
 from ..errors import UserError

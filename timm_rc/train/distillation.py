@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .create import create_model
-from .errors import UserError
-from .loading import load_model, source_identity
+from ..models.create import create_model
+from ..errors import UserError
+from ..runs.source import load_model, source_identity
 
 __all__ = ['Teacher', 'load_teacher', 'check_teacher', 'distillation_task', 'weights_digest']
 

@@ -6,7 +6,7 @@ The trainer writes, into its `output_dir`:
     summary.json           results so far (rewritten every epoch): test error, epochs completed, versions, ...
     metrics.jsonl          one JSON line per epoch (train/loss, test/top1_err, lr, ...)
     bn_stats/epoch_N.safetensors   per-step BN statistics of the RC cells
-    checkpoints/epoch_N/   accelerate's save_state + trainer_state.json + manifest.json (`timm_rc.checkpoints`)
+    checkpoints/epoch_N/   accelerate's save_state + trainer_state.json + manifest.json (`timm_rc.runs.checkpoints`)
     model.safetensors + config.json   the final model in timm's format (`save_for_hf`)
     run.lock               held while a trainer writes into the folder
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .checkpoints import complete_checkpoints, latest_checkpoint, usual_mode, writing
 from .config import INIT_KWARGS, TrainConfig, config_defaults, load_config
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['Run', 'walk_runs', 'load_run_config', 'PAPER_RC_MODELS']
 

@@ -20,8 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import UserError
-from .runs import Run
+from ..errors import UserError
+from ..runs import Run
 
 __all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label',
            'tradeoff_figure', 'plot_tradeoff']
@@ -184,7 +184,7 @@ def _distinct(parts: List[List[str]]) -> List[List[str]]:
 
 def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     """ Test error (mean ± std over seeds) against unique parameters, one point per row of
-    `timm_rc.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
+    `timm_rc.reports.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
     row shares. """
     if not rows:
         raise UserError('no runs to plot: give folders that hold finished runs (summary.json)')

@@ -1,6 +1,6 @@
 """ Convert a saved network (a run folder, a weights file, or a timm model) to RC and write its weights.
 
-`convert_weights` is what `python -m timm_rc convert` does: load the source (`timm_rc.loading`),
+`convert_weights` is what `python -m timm_rc convert` does: load the source (`timm_rc.runs.source`),
 `convert_to_rc` it in place (`init`, `rank`), re-estimate its BN statistics if asked (`recalibrate` N training
 batches, `timm_rc.recalibrate_bn`), and write the converted state_dict as safetensors (each shared tensor once)
 outside the source's run folder, whose files stay as the run wrote them.
@@ -12,14 +12,14 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
-from .checkpoints import usual_mode
-from .config import INIT_KWARGS
-from .conversion import INITS, RCConversion, convert_to_rc
-from .errors import UserError
-from .evaluation import recalibrator, run_dataset, test_error_fn
-from .layers import BN_SHARING
-from .loading import load_model
-from .runs import Run
+from ..runs.checkpoints import usual_mode
+from ..models.create import INIT_KWARGS
+from ..conversion import INITS, RCConversion, convert_to_rc
+from ..errors import UserError
+from ..evaluation import recalibrator, run_dataset, test_error_fn
+from ..layers import BN_SHARING
+from ..runs.source import load_model
+from ..runs import Run
 
 __all__ = ['ConvertedWeights', 'convert_weights']
 

@@ -42,9 +42,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import yaml
 
-from . import runs as run_folders
-from .config import load_config
-from .errors import UserError
+from .. import runs as run_folders
+from ..runs.config import load_config
+from ..errors import UserError
 
 __all__ = ['DEFAULT_COMMAND', 'SweepError', 'Run', 'Overview', 'load_sweep', 'grid', 'command_args', 'expand_command',
            'trainer_argv', 'run_state', 'plan', 'run_sweep', 'is_trainer_script', 'TRAINER_MODULES',

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['export_model', 'ExportReport', 'FORMATS', 'ORT_LEVELS', 'onnx_weights', 'check_onnx', 'require_onnx']
 
