@@ -21,6 +21,8 @@ mkdir -p "$WORK" "$OUT"
 for f in "$TEACHER" "$RC4"; do
   [ -f "$f/model.safetensors" ] || { echo "needs the converged run $f (converged_w8.yaml)" >&2; exit 2; }
 done
+complete() {  # whether a run folder holds a finished run (a partial one is resumed, not skipped)
+  python3 -c 'import sys; from timm_rc.runs import Run; sys.exit(Run(sys.argv[1]).state() != "complete")' "$1"; }
 keep() {  # a run's small files into benchmarks/results
   mkdir -p "$OUT/$1"; cp "$WORK/$1"/{summary.json,run_config.json,metrics.jsonl} "$OUT/$1/"; }
 int8() {  # run folder, name of the JSON written
@@ -33,9 +35,9 @@ distilled() {  # rank ('' for none): convert, re-estimate BN, distill 10 epochs,
       --recalibrate 50 --json --output "$FILE" "${COMMON[@]}" > "$OUT/convert_$TAG.json"
   R=${TAG}_kd10/seed0
   local START='{"width": 8'${1:+', "rank": '$1}', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
-  [ -f "$WORK/$R/summary.json" ] || python3 train.py --config train_configs/rc4_cifar10.yaml --model_kwargs "$START" \
+  complete "$WORK/$R" || python3 train.py --config train_configs/rc4_cifar10.yaml --model_kwargs "$START" \
       --log_with none "${COMMON[@]}" --epochs 10 --lr 0.01 --lr_milestones 6 --seed 0 --teacher "$TEACHER" \
-      --output_dir "$WORK/$R"
+      --resume auto --output_dir "$WORK/$R"
   keep "$R"
   int8 "$WORK/$R" "int8_$TAG.json"
 }
