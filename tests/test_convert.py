@@ -341,7 +341,8 @@ def test_convert_refuses_to_write_into_the_run_and_names_a_missing_source(tmp_pa
     assert code == 2 and 'lies inside the run folder runs/r10' in err
     assert sorted(p.as_posix() for p in (tmp_path / 'runs/r10').rglob('*')) == before
     code, out, err = convert_cli(['runs/missing', '--output', 'f.safetensors'], capsys)
-    assert code == 2 and 'runs/missing does not exist' in err
+    assert code == 2 and ('runs/missing does not exist; give a run folder (holding model.safetensors), a weights file '
+                          'or a timm name (e.g. rc4_cifar)') in err
     code, out, err = convert_cli(['runs/r10', '--output', 'shared.safetensors', '--bn_sharing', 'shared'], capsys)
     assert code == 0 and '"bn_sharing": "shared"' in out and '--model rc2_cifar' in out
 

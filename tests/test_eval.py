@@ -159,6 +159,8 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     weights = str(out / 'model.safetensors')
     stray = str(shutil.copy(weights, tmp_path / 'stray.safetensors'))
     (tmp_path / 'garbage.safetensors').write_bytes(b'not a safetensors file')
+    (tmp_path / 'notes.txt').write_text('weights? no')
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
     unfinished = tmp_path / 'unfinished'
     shutil.copytree(out / 'checkpoints', unfinished / 'checkpoints')
     moved = shutil.copytree(out, tmp_path / 'moved' / 'elsewhere')
@@ -175,7 +177,14 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
         ([str(out), '--model_kwargs', '{"num_classes": 100}'],
          'do not fit the model of ' + str(out / 'config.json') + ' with model_kwargs {"num_classes": 100}: '
                                                                  'size mismatch for fc.weight'),
-        ([str(tmp_path / 'garbage.safetensors'), '--model', 'rc4_cifar'], 'cannot read weights'),
+        ([str(tmp_path / 'garbage.safetensors'), '--model', 'rc4_cifar'],
+         f"cannot read weights {tmp_path / 'garbage.safetensors'}: not a valid safetensors file ("),
+        ([str(tmp_path / 'notes.txt'), '--model', 'rc4_cifar'],
+         f"{tmp_path / 'notes.txt'} is not a weights file: give a run folder, a weights file (.safetensors, .pth, "
+         ".pt, .bin) or a timm name (e.g. rc4_cifar)"),
+        ([str(tmp_path / 'text.pth'), '--model', 'rc4_cifar'],
+         f"cannot read weights {tmp_path / 'text.pth'}: it is neither a safetensors file nor a torch checkpoint "
+         "(torch.save's zip format)"),
         ([str(out), '--data_dir', str(c100)],
          f'the model has a 10-class head but {c100} has 100 classes; evaluate it on its own dataset'),
         ([str(out), '--model_kwargs', '{"width": 4'], '--model_kwargs needs a JSON object, e.g. \'{"width": 16}\';'),

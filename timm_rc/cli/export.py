@@ -11,6 +11,7 @@ onnxruntime at every graph optimization level), and checked to store each shared
 `export` extra for ONNX: pip install "timm_rc[export]". A thin layer over `timm_rc.deploy.export.export_model`.
 """
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +70,17 @@ def main(argv: Sequence[str]) -> dict:
         require_onnx()  # before anything is loaded
     if output.exists() and output.is_dir():
         raise UserError(f'--output {args.output} is a folder; name a file *.onnx or *.pt2')
+    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f'--output {args.output}: {folder} is a file, not a folder; name a file in a folder')
+    source = Path(args.source)
+    if not args.int8 and source.is_file() and is_quantized(source):
+        if output.suffix.lower() == '.onnx':
+            args.int8 = True  # the file holds int8 weights: export them as such, not 4x larger dequantized
+            print(f'note: {args.source} holds int8 weights; exporting them as int8 (as --int8)', file=sys.stderr)
+        else:
+            print(f'note: {args.source} holds int8 weights; a .pt2 stores them dequantized (float); for int8 '
+                  f'weights in the file, export *.onnx', file=sys.stderr)
     quantized = None
     if args.int8:
         int8_path = _int8_file(args.source)

@@ -1,8 +1,8 @@
 """ One evaluation for every caller: the trainer's end-of-epoch test and every command.
 
 `evaluate` measures a model over a loader (top-1/top-5 error, loss, per-class accuracy); the trainer
-calls it with its accelerator, `python -m timm_rc eval` through `evaluate_source`, `python -m
-timm_rc.compress` through `test_error_fn`, so a finished run evaluated again gives exactly the test
+calls it with its accelerator, `python -m timm_rc eval` through `evaluate_source`, `python -m timm_rc
+compress` through `test_error_fn`, so a finished run evaluated again gives exactly the test
 error its summary.json holds (same examples, batch size, precision and memory format: the run's own).
 `evaluate_over_steps` runs an RC network at other step counts (cost-adjustable inference, with
 `flops_per_image` as the cost axis).

@@ -320,7 +320,7 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(a in ('-h', '--help') for a in argv)
 
 
-def config_help(prog: str = 'train.py') -> str:
+def config_help(prog: str = 'python train.py') -> str:
     """ Every config key with its type, default and help text, grouped as in `TrainConfig`. """
     hints = typing.get_type_hints(TrainConfig)
     lines = [

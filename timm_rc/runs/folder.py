@@ -168,17 +168,24 @@ class Run:
         raise UserError(f'the run\'s data_dir {data_dir} (relative to where it was trained) does not exist from '
                         f'here ({Path.cwd()}); pass --data_dir DIR')
 
-    def label(self) -> str:
-        """ 'model {kwargs} (run folder)', for plot titles and tables. """
+    def model_spec(self) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """ (timm name, model kwargs) from the run's summary.json or run_config.json; None when neither names one. """
         for read in (self.summary, self.config):
             try:
                 s = read() or {}
             except UserError:
                 continue
             if s.get('model'):
-                kwargs = s.get('model_kwargs') or {}
-                return s['model'] + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '') + f' ({self.path})'
-        return str(self.path)
+                return s['model'], dict(s.get('model_kwargs') or {})
+        return None
+
+    def label(self) -> str:
+        """ 'model {kwargs} (run folder)', for plot titles and tables. """
+        spec = self.model_spec()
+        if spec is None:
+            return str(self.path)
+        model, kwargs = spec
+        return model + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '') + f' ({self.path})'
 
     @property
     def weights(self) -> Path:

@@ -37,14 +37,32 @@ def load_weights(model: nn.Module, weights: Union[str, Path], what: str) -> None
     except RuntimeError as e:
         text = str(e)
         if 'Error(s) in loading state_dict' not in text:
-            raise UserError(f'cannot read weights {weights}: {text.splitlines()[0]}') from None
+            raise UserError(_unreadable(weights, e)) from None
         problems = [line.strip() for line in text.splitlines()[1:] if line.strip()]
         first = problems[0] if problems else text
         more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
         raise UserError(f'weights {weights} do not fit {what}: {first[:300]}{more}; pass the --model and '
                         f'--model_kwargs the weights were trained with') from None
     except Exception as e:  # safetensors, pickle and OS errors for a file that is no checkpoint
-        raise UserError(f'cannot read weights {weights}: {type(e).__name__}: {str(e)[:300]}') from None
+        raise UserError(_unreadable(weights, e)) from None
+
+
+def _unreadable(weights: Union[str, Path], e: Exception) -> str:
+    """ Why a weights file could not be read, in the user's terms (not torch's advice to unpickle unsafely). """
+    import zipfile
+    first = (str(e).splitlines() or [''])[0][:200]
+    if isinstance(e, OSError):
+        reason = e.strerror or first or ('no such file' if isinstance(e, FileNotFoundError) else type(e).__name__)
+        return f'cannot read weights {weights}: {reason}'
+    if str(weights).endswith('.safetensors'):
+        return f'cannot read weights {weights}: not a valid safetensors file ({type(e).__name__}: {first})'
+    if not zipfile.is_zipfile(weights):
+        return (f'cannot read weights {weights}: it is neither a safetensors file nor a torch checkpoint '
+                f'(torch.save\'s zip format)')
+    if 'weights_only' in str(e):
+        return (f'cannot read weights {weights}: the checkpoint holds pickled Python objects besides tensors, which '
+                f'are not loaded (unpickling runs code); save its state_dict with safetensors or torch.save')
+    return f'cannot read weights {weights}: {type(e).__name__}: {first}'
 
 
 WEIGHTS_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin')
@@ -102,6 +120,9 @@ class ModelSource:
                 raise UserError(f'{source} holds no {Run.WEIGHTS}; give a run folder written by the trainer (or '
                                 f'timm\'s save_for_hf) or a weights file{hint}')
             return cls('folder', path, model, kwargs)
+        if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+            raise UserError(f'{source} is not a weights file: give a run folder, a weights file '
+                            f'({", ".join(WEIGHTS_SUFFIXES)}) or a timm name (e.g. rc4_cifar)')
         if quantize.is_quantized(path):
             if model is None and not quantize.quantized_metadata(path)[0]:
                 raise UserError(f'{path} does not name its model; pass --model (and --model_kwargs)')
