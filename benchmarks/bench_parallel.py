@@ -40,7 +40,7 @@ def main():
                                 output_dir={'value': str(Path(tmp) / 'runs' / 'seed{seed}')}))))
             env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
             t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, '-m', 'timm_rc.sweep', str(sweep), '--parallel', str(parallel)],
+            out = subprocess.run([sys.executable, '-m', 'timm_rc', 'sweep', str(sweep), '--parallel', str(parallel)],
                                  cwd=tmp, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
             if out.returncode != 0:

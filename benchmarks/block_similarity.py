@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_rc.layers import Unrolled
-from timm_rc.loading import load_model
+from timm_rc.runs.source import load_model
 
 
 def block_similarity(model) -> list:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from timm_rc.config import SETTABLE, load_config
+from timm_rc.runs.config import SETTABLE, load_config
 from timm_rc.train import reset_accelerate_state, train
 
 REPO = Path(__file__).resolve().parents[1]

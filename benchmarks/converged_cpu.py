@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from timm_rc.sweep_runner import load_sweep, plan, run_sweep
+from timm_rc.train.sweeps import load_sweep, plan, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'

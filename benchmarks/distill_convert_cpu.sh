@@ -26,7 +26,7 @@ done
 mkdir -p runs/converted
 for INIT in first average; do
   for AUG in plain augmented; do
-    python3 -m timm_rc.convert $TEACHER --init $INIT --recalibrate 50 --recalibrate_data $AUG --num_threads 1 --json \
+    python3 -m timm_rc convert $TEACHER --init $INIT --recalibrate 50 --recalibrate_data $AUG --num_threads 1 --json \
         --output runs/converted/rc4_${INIT}_recal_$AUG.safetensors > $OUT/convert_${INIT}_recal50_$AUG.json
   done
   FILE=runs/converted/rc4_${INIT}_recal_plain.safetensors

@@ -2,7 +2,7 @@
 
     python benchmarks/export_table.py [--json benchmarks/results/export_cpu.json]
 
-Exports, with `timm_rc.export.export_model` (every file checked against the model), RC-4 and the ResNet-18
+Exports, with `timm_rc.deploy.export.export_model` (every file checked against the model), RC-4 and the ResNet-18
 graph at full width, RC-4 with int8 weights, and timm's ResNet-18 converted to RC (`rc_resnet18`), each with
 BN layers holding distinct values as a trained network's do (the exporter stores equal initializers once, which
 would flatter an untrained network). Latency: median of `torch.utils.benchmark.Timer` / of timed
@@ -20,7 +20,7 @@ import timm
 import torch
 
 import timm_rc  # noqa: F401
-from timm_rc.export import export_model
+from timm_rc.deploy.export import distinct_bn, export_model
 from timm_rc.quantize import int8_weights, load_quantized, save_quantized
 
 MODELS = [('RC-4 (rc4_cifar)', 'rc4_cifar', False), ('ResNet-18 graph (rc4_unshared_cifar)', 'rc4_unshared_cifar', False),
@@ -28,14 +28,7 @@ MODELS = [('RC-4 (rc4_cifar)', 'rc4_cifar', False), ('ResNet-18 graph (rc4_unsha
 
 
 def trained_like(name):
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
-                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
-    return model
+    return distinct_bn(timm.create_model(name).eval())
 
 
 def ort_latency(path, x, repeats=50) -> float:

@@ -28,7 +28,7 @@ for RANK in "${RANKS[@]}"; do scratch $RANK; done
 mkdir -p runs/converted
 for RANK in "${RANKS[@]}"; do
   FILE=runs/converted/rc4_average_rank${RANK}_recal.safetensors
-  python3 -m timm_rc.convert $TEACHER --init average --rank $RANK --recalibrate 50 --num_threads 1 --json \
+  python3 -m timm_rc convert $TEACHER --init average --rank $RANK --recalibrate 50 --num_threads 1 --json \
       --output $FILE > $OUT/convert_average_rank${RANK}_recal50.json
   R=rc4_rank${RANK}_from_resnet18_average_recal_ft5/seed0
   START='{"width": 8, "block": "postact", "rank": '$RANK', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'

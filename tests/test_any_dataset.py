@@ -175,3 +175,31 @@ def test_a_folder_without_data_names_both_layouts(tmp_path, capsys):
     with pytest.raises(UserError, match=r'holds no parquet files \(expected train.parquet and test.parquet\) and no '
                                         r'image folder \(expected train/<class>/<image> and test/<class>/<image>\)'):
         load_splits('x', str(tmp_path))
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_way_out(monkeypatch, tmp_path):
+    """ No network: datasets is put in offline mode for the call (no retry warnings, no waiting), the error
+    names why and how to point data_dir at a local copy, and the offline mode is given back after. """
+    import socket
+    import datasets
+    from huggingface_hub import constants
+    from timm_rc.data import load_dataset_splits
+    from timm_rc.errors import UserError
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'cache')
+
+    def unreachable(*args, **kwargs):
+        raise OSError('no route')
+    monkeypatch.setattr(socket, 'create_connection', unreachable)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', False)
+    with pytest.raises(UserError) as e:
+        load_dataset_splits('cifar100')
+    assert str(e.value) == (
+        "could not load dataset 'uoft-cs/cifar100' from the Hugging Face hub (huggingface.co cannot be reached from "
+        "here and no copy is cached). Point data_dir at a local copy (train.parquet and test.parquet, or "
+        "train/<class>/<image> folders), e.g. --data_dir path/to/cifar100")
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(UserError, match=r"\(HF_HUB_OFFLINE is set and no copy is cached\)"):
+        load_dataset_splits('cifar10')

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from test_train import TINY, make_parquet, run, run_main
 from timm_rc.train import UserError
-from timm_rc.checkpoints import MANIFEST, checkpoint_problem, choose_checkpoint
+from timm_rc.runs.checkpoints import MANIFEST, checkpoint_problem, choose_checkpoint
 from timm_rc.train.lock import LOCK_FILE, RunLock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ from torch import nn
 
 import timm_rc  # noqa: F401
 from timm_rc.cli.compress import main
-from timm_rc.compression import activation_bytes, model_size, weights_bytes
+from timm_rc.deploy.compression import activation_bytes, model_size, weights_bytes
 from timm_rc.quantize import (SCALE_SUFFIX, dequantize_tensor, load_quantized, quantize_state_dict, quantize_tensor,
                               save_quantized, static_int8, untie_shared_weights)
 from cli_helpers import exits_2 as _exits_2, json_result
-from timm_rc.loading import load_model
+from timm_rc.runs.source import load_model
 
 W8 = dict(width=8, block='postact')
 RC4_W8_PARAMS, PLAIN4_W8_PARAMS = 20_786, 79_538  # rc4_cifar and rc4_unshared_cifar at width 8
@@ -277,7 +277,7 @@ def test_quantize_and_int8_take_a_run_folder_and_count_the_runs_examples(tiny, c
 
 
 def test_the_plain_network_of_a_registered_family_is_its_base():
-    from timm_rc.compression import plain_network as _plain_network
+    from timm_rc.deploy.compression import plain_network as _plain_network
     rc = timm.create_model('rc_resnet18', num_classes=3)
     assert _plain_network(rc, 'rc_resnet18', {'num_classes': 3, 'bn_sharing': 'shared'}) == ('resnet18', {'num_classes': 3})
     assert _plain_network(timm.create_model('rc4_cifar', width=4), 'rc4_cifar', {'width': 4}) == \

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_rc
-import timm_rc.loading
+import timm_rc.runs.source
 from timm_rc import Unrolled, convert_to_rc, find_runs
 
 # (params before, after) by the rule: total minus the non-BN parameters of every block of a run after its first
@@ -291,7 +291,7 @@ def test_convert_a_trained_resnet18_graph_and_fine_tune_it(tmp_path, capsys, mon
     assert "--model rc4_cifar --model_kwargs '{\"width\": 4, \"pretrained\": true" in out
     rc4 = timm.create_model('rc4_cifar', width=4, pretrained=True,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'converted/rc4.safetensors')))
-    plain = timm_rc.loading.load_model(tmp_path / 'runs/r18').eval()
+    plain = timm_rc.runs.source.load_model(tmp_path / 'runs/r18').eval()
     assert torch.equal(rc4.cell2.steps[3].conv1.weight, plain.cell2.steps[0].conv1.weight)
     assert torch.equal(rc4.cell2.steps[3].bn1.running_mean, plain.cell2.steps[3].bn1.running_mean)
     kwargs = json.dumps({'width': 4, 'pretrained': True, 'pretrained_cfg_overlay': {'file': 'converted/rc4.safetensors'}})
@@ -341,7 +341,8 @@ def test_convert_refuses_to_write_into_the_run_and_names_a_missing_source(tmp_pa
     assert code == 2 and 'lies inside the run folder runs/r10' in err
     assert sorted(p.as_posix() for p in (tmp_path / 'runs/r10').rglob('*')) == before
     code, out, err = convert_cli(['runs/missing', '--output', 'f.safetensors'], capsys)
-    assert code == 2 and 'runs/missing does not exist' in err
+    assert code == 2 and ('runs/missing does not exist; give a run folder (holding model.safetensors), a weights file '
+                          'or a timm name (e.g. rc4_cifar)') in err
     code, out, err = convert_cli(['runs/r10', '--output', 'shared.safetensors', '--bn_sharing', 'shared'], capsys)
     assert code == 0 and '"bn_sharing": "shared"' in out and '--model rc2_cifar' in out
 

@@ -15,7 +15,7 @@ from test_train import SHARED_CIFAR10, TINY, make_parquet, run
 from cli_helpers import exits_2 as _exits_2, json_result
 from timm_rc.cli.eval import main
 from timm_rc.evaluation import EvalResult, evaluate, model_mean_std
-from timm_rc.loading import load_model
+from timm_rc.runs.source import load_model
 from timm_rc.train import UserError, reset_accelerate_state
 from timm_rc.data import BatchedTensorDataset, collate_batch, load_image_splits, normalize
 
@@ -159,6 +159,8 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     weights = str(out / 'model.safetensors')
     stray = str(shutil.copy(weights, tmp_path / 'stray.safetensors'))
     (tmp_path / 'garbage.safetensors').write_bytes(b'not a safetensors file')
+    (tmp_path / 'notes.txt').write_text('weights? no')
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
     unfinished = tmp_path / 'unfinished'
     shutil.copytree(out / 'checkpoints', unfinished / 'checkpoints')
     moved = shutil.copytree(out, tmp_path / 'moved' / 'elsewhere')
@@ -166,7 +168,7 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     cases = [
         ([str(tmp_path / 'nope')], 'nope does not exist; give a run folder (holding model.safetensors) or a weights'),
         ([str(tmp_path)], 'holds no model.safetensors; give a run folder written by the trainer'),
-        ([str(unfinished)], 'the run is not finished: evaluate its newest checkpoint with '
+        ([str(unfinished)], 'the run is not finished: its newest checkpoint is '
                             f'{unfinished}/checkpoints/epoch_0001/model.safetensors'),
         ([], 'nothing to evaluate: give a run folder or a weights file, or --model NAME'),
         ([stray], 'is a weights file outside a run folder: name its model with --model'),
@@ -175,7 +177,14 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
         ([str(out), '--model_kwargs', '{"num_classes": 100}'],
          'do not fit the model of ' + str(out / 'config.json') + ' with model_kwargs {"num_classes": 100}: '
                                                                  'size mismatch for fc.weight'),
-        ([str(tmp_path / 'garbage.safetensors'), '--model', 'rc4_cifar'], 'cannot read weights'),
+        ([str(tmp_path / 'garbage.safetensors'), '--model', 'rc4_cifar'],
+         f"cannot read weights {tmp_path / 'garbage.safetensors'}: not a valid safetensors file ("),
+        ([str(tmp_path / 'notes.txt'), '--model', 'rc4_cifar'],
+         f"{tmp_path / 'notes.txt'} is not a weights file: give a run folder, a weights file (.safetensors, .pth, "
+         ".pt, .bin) or a timm name (e.g. rc4_cifar)"),
+        ([str(tmp_path / 'text.pth'), '--model', 'rc4_cifar'],
+         f"cannot read weights {tmp_path / 'text.pth'}: it is neither a safetensors file nor a torch checkpoint "
+         "(torch.save's zip format)"),
         ([str(out), '--data_dir', str(c100)],
          f'the model has a 10-class head but {c100} has 100 classes; evaluate it on its own dataset'),
         ([str(out), '--model_kwargs', '{"width": 4'], '--model_kwargs needs a JSON object, e.g. \'{"width": 16}\';'),
@@ -208,7 +217,7 @@ def test_a_slice_of_the_real_cifar10(capsys):
 def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
     import shutil
     import timm
-    from timm_rc.loading import load_model
+    from timm_rc.runs.source import load_model
     model = timm.create_model('rc2_cifar', width=4, block='preact')
     run = tmp_path / 'old'
     from timm.models import save_for_hf
@@ -227,13 +236,23 @@ def test_a_run_from_before_the_block_default_changed_loads_as_preact(tmp_path):
 
 
 @pytest.mark.parametrize('old,name,new', [
-    ('timm_rc.eval', 'evaluate', 'timm_rc.evaluation'), ('timm_rc.eval', 'find_run', 'timm_rc.runs'),
-    ('timm_rc.eval', 'load_model', 'timm_rc.loading'), ('timm_rc.compress', 'static_int8', 'timm_rc.quantize'),
-    ('timm_rc.compress', 'report_models', 'timm_rc.compression'), ('timm_rc.results', 'table', 'timm_rc.tables'),
-    ('timm_rc.plots', 'plot_bn', 'timm_rc.figures'), ('timm_rc.sweep', 'plan', 'timm_rc.sweep_runner'),
-    ('timm_rc.train.config', 'TrainConfig', 'timm_rc.config'), ('timm_rc.train.data', 'load_image_splits', 'timm_rc.data'),
-    ('timm_rc.train.checkpoint', 'choose_checkpoint', 'timm_rc.checkpoints'),
+    ('timm_rc.eval', 'evaluate', 'timm_rc.evaluation'), ('timm_rc.eval', 'find_run', 'timm_rc.runs.folder'),
+    ('timm_rc.eval', 'load_model', 'timm_rc.runs.source'), ('timm_rc.compress', 'static_int8', 'timm_rc.quantize'),
+    ('timm_rc.compress', 'report_models', 'timm_rc.deploy.compression'), ('timm_rc.results', 'table', 'timm_rc.reports.tables'),
+    ('timm_rc.plots', 'plot_bn', 'timm_rc.reports.figures'), ('timm_rc.sweep', 'plan', 'timm_rc.train.sweeps'),
+    ('timm_rc.train.config', 'TrainConfig', 'timm_rc.runs.config'), ('timm_rc.train.data', 'load_image_splits', 'timm_rc.data'),
+    ('timm_rc.train.checkpoint', 'choose_checkpoint', 'timm_rc.runs.checkpoints'),
     ('timm_rc.train', 'main', 'timm_rc.cli.train'), ('timm_rc.train.loop', 'main', 'timm_rc.cli.train'),
+    # the modules that moved into subpackages in 0.3.0
+    ('timm_rc.create', 'create_model', 'timm_rc.models.create'), ('timm_rc.config', 'load_config', 'timm_rc.runs.config'),
+    ('timm_rc.checkpoints', 'latest_checkpoint', 'timm_rc.runs.checkpoints'),
+    ('timm_rc.loading', 'load_model', 'timm_rc.runs.source'),
+    ('timm_rc.recalibration', 'recalibrate_bn', 'timm_rc.evaluation.recalibration'),
+    ('timm_rc.compression', 'model_size', 'timm_rc.deploy.compression'),
+    ('timm_rc.convert_weights', 'convert_weights', 'timm_rc.deploy.convert'),
+    ('timm_rc.distillation', 'load_teacher', 'timm_rc.train.distillation'),
+    ('timm_rc.sweep_runner', 'load_sweep', 'timm_rc.train.sweeps'), ('timm_rc.formatting', 'format_table', 'timm_rc.reports.formatting'),
+    ('timm_rc.export', 'export_model', 'timm_rc.deploy.export'),
 ])
 def test_names_of_0_2_0_still_import_with_one_deprecation_warning(old, name, new):
     import importlib

@@ -28,8 +28,19 @@ def test_the_logged_lr_is_the_one_the_epoch_trained_with(data, tmp_path):
     run(['--data_dir', str(data), '--epochs', '3', '--lr_milestones', '[1, 2]', '--output_dir', str(tmp_path / 'r'),
          *TINY])
     rows = [json.loads(line) for line in (tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()]
-    assert [r['lr'] for r in rows] == pytest.approx([0.1, 0.01, 0.001])
+    assert [r['lr'] for r in rows] == [0.1, 0.01, 0.001]  # exactly: 12 significant digits, no 0.010000000000000002
+    assert [r['lr_mean'] for r in rows] == [0.1, 0.01, 0.001]
     assert all(r['eval_time_s'] > 0 for r in rows)
+
+
+def test_a_warm_up_epoch_logs_its_last_and_its_mean_lr(data, tmp_path):
+    """ One warm-up epoch of n steps ramps the lr (i + 1) / n * 0.1: 'lr' is its last step's (0.1) and 'lr_mean'
+    the mean, 0.1 * (n + 1) / (2 n). """
+    run(['--data_dir', str(data), '--epochs', '2', '--warmup_epochs', '1', '--output_dir', str(tmp_path / 'r'), *TINY])
+    rows = [json.loads(line) for line in (tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()]
+    n = json.loads((tmp_path / 'r' / 'summary.json').read_text())['global_step'] // 2
+    assert n > 1 and [r['lr'] for r in rows] == [0.1, 0.1]
+    assert rows[0]['lr_mean'] == pytest.approx(0.1 * (n + 1) / (2 * n), rel=1e-9) and rows[1]['lr_mean'] == 0.1
 
 
 def test_cpu_defaults_are_channels_last_bf16_where_the_cpu_has_it_and_fused_sgd(data, tmp_path):
@@ -69,7 +80,7 @@ def test_an_output_dir_that_is_a_file_is_named(data, tmp_path, capsys):
 @pytest.mark.parametrize('text, where', [('{"width": 8', 'Expecting \',\' delimiter: column 12'),
                                          ('{"width: 8}', 'Unterminated string starting at: column 2')])
 def test_invalid_json_in_model_kwargs_says_where(text, where):
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     from timm_rc.errors import UserError
     with pytest.raises(UserError) as e:
         load_config(['--model_kwargs', text])
@@ -77,7 +88,7 @@ def test_invalid_json_in_model_kwargs_says_where(text, where):
 
 
 def test_yaml_style_model_kwargs_still_work():
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     assert load_config(['--model_kwargs', '{width: 8}']).model_kwargs == {'width': 8}
 
 
@@ -111,7 +122,7 @@ def test_loading_data_prints_no_progress_bars_of_datasets(data, capfd):
 
 
 def test_output_dir_takes_the_config_files_name(tmp_path):
-    from timm_rc.config import load_config
+    from timm_rc.runs.config import load_config
     cfg_file = tmp_path / 'rc4_sharedbn_cifar10.yaml'
     cfg_file.write_text('model: rc4_cifar\n')
     cfg = load_config(['--config', str(cfg_file), '--output_dir', 'runs/w8/{config}/seed{seed}', '--seed', '2'])
@@ -123,7 +134,7 @@ def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_pa
     """ A config with num_threads 2 (cpu_demo.yaml had it): under --parallel 2 on 2 cores each run oversubscribed them (13-16x
     slower); the runner now puts its share on the trainer's command line, which beats the config file. """
     import io
-    from timm_rc import sweep_runner
+    from timm_rc.train import sweeps as sweep_runner
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'train.py').write_text((REPO / 'train.py').read_text())
     (tmp_path / 'two.yaml').write_text('model: rc4_cifar\nnum_threads: 2\nlog_with: none\n'
@@ -158,7 +169,7 @@ def test_sweep_parallel_gives_each_run_its_share_whatever_the_config_says(tmp_pa
 
 
 def test_without_option_drops_both_spellings():
-    from timm_rc.sweep_runner import _without_option
+    from timm_rc.train.sweeps import _without_option
     assert _without_option(['a', '--num_threads', '2', 'b', '--num_threads=4', 'c'], '--num_threads') == ['a', 'b', 'c']
 
 
@@ -178,7 +189,53 @@ def test_the_front_door_lists_every_command_and_dispatches():
     bad = subprocess.run([sys.executable, '-m', 'timm_rc', 'trian'], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'trian'; the commands are train, ")
     assert bad.stderr.count('\n') == 1
+    bare = subprocess.run([sys.executable, '-m', 'timm_rc'], capture_output=True, text=True, cwd=REPO)
+    assert bare.returncode == 2 and bare.stdout == ''
+    assert bare.stderr.endswith('error: no command given; name one of train, eval, sweep, results, plots, compress, '
+                                'convert, export\n')
     from timm_rc.__main__ import main
     with pytest.raises(SystemExit) as e:
         main(['results', '/nonexistent/folder'])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['export', 'rc4_cifar', '--ouput', 'x.onnx'],  # --output is required: argparse named that, not the typo
+     'unknown option --ouput; did you mean --output? (see python -m timm_rc export --help)'),
+    (['compress', 'quantize', 'x', '--bitz=8'],  # a sub-command's parser checks its own options
+     'unknown option --bitz; did you mean --bits? (see python -m timm_rc compress quantize --help)'),
+    (['results', 'x', '--zzz'], 'unknown option --zzz (see python -m timm_rc results --help)'),
+])
+def test_an_unknown_option_is_named_with_the_closest_one(argv, message, capsys, monkeypatch):
+    from timm_rc.__main__ import main
+    monkeypatch.setattr(sys, 'argv', ['/x/timm_rc/__main__.py'])
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == f'error: {message}\n'
+
+
+def test_plots_name_a_bad_epoch_or_output_before_drawing(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from timm_rc.cli.plots import main as plots
+    run = tmp_path / 'run'
+    (run / 'bn_stats').mkdir(parents=True)
+    for epoch in (1, 2, 3, 5):
+        save_file({'cell1.step0.bn1.running_mean': torch.zeros(2)}, str(run / 'bn_stats' / f'epoch_{epoch:04d}.safetensors'))
+    (run / 'metrics.jsonl').write_text('{"epoch": 1, "train/loss": 1.0, "test/top1_err": 50.0}\n')
+    for epoch in ('-1', '0', '4'):
+        assert exits_2(plots, ['bn', str(run), '--epoch', epoch], capsys) == \
+            f'error: no BN statistics for epoch {epoch} in {run / "bn_stats"}; epochs saved: 1-3, 5 (leave --epoch ' \
+            'out for the last)\n'
+    assert exits_2(plots, ['curves', str(run), '--out', str(tmp_path / 'c.txt')], capsys) == \
+        f'error: {tmp_path / "c.txt"}: cannot write a .txt image; name it .png (or avif, eps, gif, jpeg, jpg, pdf, ' \
+        'pgf, png, ps, raw, rgba, svg, svgz, tif, tiff, webp)\n'
+    assert exits_2(plots, ['curves', str(run), '--out', str(tmp_path)], capsys) == \
+        f'error: {tmp_path} is a folder; name the image file to write, e.g. {tmp_path / "figure.png"}\n'
+    assert exits_2(plots, ['bn', str(run), '--out', str(run / 'metrics.jsonl' / 'plots')], capsys) == \
+        f'error: {run / "metrics.jsonl"} is a file, not a folder; write the figures elsewhere\n'
+    assert exits_2(plots, ['tradeoff', str(run), '--out', str(run / 'metrics.jsonl' / 'f.png')], capsys) == \
+        f'error: {run / "metrics.jsonl"} is a file, not a folder; write the figures elsewhere\n'
+    assert sorted(p.name for p in run.iterdir()) == ['bn_stats', 'metrics.jsonl']  # nothing written
+    plots(['curves', str(run), '--out', str(tmp_path / 'curves')])  # no suffix: a PNG
+    assert capsys.readouterr().out == f'{tmp_path / "curves.png"}\n'
+    assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'

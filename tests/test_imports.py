@@ -2,11 +2,10 @@
 module that imports another module's private names, commands above the library and apart from each
 other, and no printing in the library.
 
-Layers: the commands are `timm_rc.cli.*` (one per `python -m timm_rc.<verb>`, sharing `cli.common`);
-`timm_rc.<verb>` for each verb is the `python -m` entry that keeps the old name (it imports its own
-command only); everything else is the library, which never imports a command. Names that moved keep
-working from their old modules through `timm_rc._deprecated.alias` (importlib at first use), which is
-why those old modules show no import edge to the new ones.
+Layers: the commands are `timm_rc.cli.*` (one per `python -m timm_rc <verb>`, sharing `cli.common`) and the
+door `timm_rc.__main__`; everything else is the library, which never imports a command, in subpackages by concern
+(`LAYERS`), each importing only its own layer and those below. Modules that moved keep working from their old
+paths through `timm_rc._deprecated` (a finder and importlib at first use), so no file is left at those paths.
 """
 import ast
 from pathlib import Path
@@ -15,9 +14,17 @@ from typing import Dict, List, Set, Tuple
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'timm_rc'
-VERBS = ('compress', 'convert', 'eval', 'plots', 'results', 'sweep')
+# the library's subpackages by concern, bottom first: a module imports its own layer and those below it only
+LAYERS = [
+    {'timm_rc.errors', 'timm_rc.layers'},
+    {'timm_rc.models', 'timm_rc.conversion'},
+    {'timm_rc.quantize', 'timm_rc.data', 'timm_rc.runs'},
+    {'timm_rc.evaluation', 'timm_rc.reports'},
+    {'timm_rc.train', 'timm_rc.deploy'},
+    {'timm_rc.cli', 'timm_rc.__main__'},
+]
 # library modules allowed to print: the trainer's own warnings (its lock and checkpoints)
-MAY_PRINT = {'timm_rc.checkpoints', 'timm_rc.train.lock', 'timm_rc.train.loop'}
+MAY_PRINT = {'timm_rc.runs.checkpoints', 'timm_rc.train.lock', 'timm_rc.train.loop'}
 
 
 def modules() -> Dict[str, Path]:
@@ -107,7 +114,9 @@ def test_the_graph_sees_the_package():
     # the reader finds the modules and their edges (a broken reader would pass every rule below)
     assert {'timm_rc.cli.eval', 'timm_rc.evaluation', 'timm_rc.runs', 'timm_rc.quantize.files'} <= set(MODS)
     assert 'timm_rc.evaluation' in GRAPH['timm_rc.cli.eval']
-    assert 'timm_rc.runs' in GRAPH['timm_rc.evaluation'] and 'timm_rc.models' in GRAPH['timm_rc.create']
+    assert layer('timm_rc.runs.source') == 2 and layer('timm_rc.cli.eval') == 5 and layer('timm_rc._deprecated') is None
+    assert 'timm_rc.runs.source' in GRAPH['timm_rc.evaluation.evaluate']
+    assert 'timm_rc.errors' in GRAPH['timm_rc.models.create']
     assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
 
 
@@ -119,9 +128,32 @@ def test_no_module_imports_another_modules_private_names():
     assert PRIVATE == []
 
 
+def layer(module: str):
+    """ The index in LAYERS of the subpackage `module` belongs to (None: the package itself, _deprecated). """
+    for i, group in enumerate(LAYERS):
+        if any(module == g or module.startswith(g + '.') for g in group):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer_and_imports_none_above_it():
+    top = {m for m in MODS if layer(m) is None}
+    assert top == {'timm_rc', 'timm_rc._deprecated'}  # the package's front and the old paths; nothing else
+    upward = [f'{m} -> {t}' for m in MODS if layer(m) is not None for t in GRAPH[m]
+              if layer(t) is not None and layer(t) > layer(m)]
+    assert upward == []
+
+
+def test_the_top_level_holds_about_ten_names():
+    names = sorted(p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                   if not p.name.startswith(('_', '.')) and (p.suffix == '.py' or (p / '__init__.py').is_file()))
+    assert names == ['cli', 'conversion', 'data', 'deploy', 'errors', 'evaluation', 'layers', 'models', 'quantize',
+                     'reports', 'runs', 'train']
+
+
 def test_the_library_never_imports_a_command():
-    # the commands, their old `python -m timm_rc.<verb>` names, and the door that dispatches to them
-    commands = {m for m in MODS if m.startswith('timm_rc.cli')} | {f'timm_rc.{v}' for v in VERBS} | {'timm_rc.__main__'}
+    # the commands and the door that dispatches to them
+    commands = {m for m in MODS if m.startswith('timm_rc.cli')} | {'timm_rc.__main__'}
     offenders = [f'{m} -> {t}' for m in MODS if m not in commands for t in GRAPH[m] if t in commands]
     assert offenders == []
 
@@ -130,16 +162,12 @@ def test_no_command_imports_another_command():
     offenders = []
     for m in MODS:
         if m.startswith('timm_rc.cli.') and m != 'timm_rc.cli.common':
-            offenders += [f'{m} -> {t}' for t in GRAPH[m] if t.startswith('timm_rc.cli.') and t != 'timm_rc.cli.common'
-                          or t in {f'timm_rc.{v}' for v in VERBS}]
-    for verb in VERBS:  # the old `python -m` names reach their own command only
-        shim = f'timm_rc.{verb}'
-        assert GRAPH[shim] <= {f'timm_rc.cli.{verb}', 'timm_rc.cli.common', 'timm_rc._deprecated'}, shim
+            offenders += [f'{m} -> {t}' for t in GRAPH[m] if t.startswith('timm_rc.cli.') and t != 'timm_rc.cli.common']
     assert offenders == []
 
 
 @pytest.mark.parametrize('module', sorted(m for m in MODS if not m.startswith('timm_rc.cli') and m not in MAY_PRINT
-                                          and m not in {f'timm_rc.{v}' for v in VERBS} | {'timm_rc.__main__'}))
+                                          and m != 'timm_rc.__main__'))
 def test_library_modules_do_not_print(module):
     calls = [node.lineno for node in ast.walk(ast.parse(MODS[module].read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'print']

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timm_rc import figures as plots, tables as results
+from timm_rc.reports import figures as plots
+from timm_rc.reports import tables as results
 from timm_rc.cli.results import main as results_main
 
 # run_config.json as the trainer writes it (timm_rc/train/loop.py: the config plus resolved values)
@@ -179,9 +180,16 @@ def test_curves_figure_titles_labels_and_integer_epochs(tmp_path):
     assert (ax_loss.get_xlabel(), ax_loss.get_ylabel(), ax_loss.get_title()) == ('epoch', 'training loss',
                                                                                   'training loss')
     assert (ax_err.get_xlabel(), ax_err.get_ylabel(), ax_err.get_title()) == ('epoch', 'test error (%)', 'test error')
-    labels = [f'rc4_cifar {{"width": 8}} ({a})', f'resnet18 ({b})']
-    assert fig._suptitle.get_text() == '; '.join(labels)
-    assert [line.get_label() for line in ax_err.get_lines()] == labels
+    # short labels: the model, the kwargs not every run shares, the folder below the common one; the title
+    # holds what they share, so neither outgrows the figure
+    assert [line.get_label() for line in ax_err.get_lines()] == ['rc4_cifar, width 8 (rc4/seed0)',
+                                                                 'resnet18 (r18/seed0)']
+    assert fig._suptitle.get_text() == f'runs in {tmp_path}'
+    c = make_run(tmp_path / 'more/rc2/seed1', model='rc2_cifar', model_kwargs={'width': 8, 'rank': 2})
+    d = make_run(tmp_path / 'more/rc2/seed2', model='rc2_cifar', model_kwargs={'width': 8})
+    assert plots.curve_labels([c, d]) == (['rc2_cifar, rank 2 (seed1)', 'rc2_cifar (seed2)'],
+                                          f'width 8; runs in {tmp_path / "more/rc2"}')
+    assert plots.curve_labels([c]) == (['rc2_cifar (seed1)'], f'rank 2, width 8; runs in {tmp_path / "more/rc2"}')
     fig.canvas.draw()
     for ax in (ax_loss, ax_err):
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
@@ -298,10 +306,11 @@ def test_a_command_piped_into_head_ends_quietly():
                        timeout=60)
     assert 'Traceback' not in p.stderr and 'BrokenPipeError' not in p.stderr, p.stderr[-500:]
     assert p.stdout == 'row\nrow\nro'
-    for command in ('compress', 'convert', 'eval', 'plots', 'results', 'sweep'):
-        source = (Path(__file__).resolve().parents[1] / 'timm_rc' / f'{command}.py').read_text()
-        assert source.rstrip().endswith("from .cli.common import run\n    run(main)"), command
-        cli = (Path(__file__).resolve().parents[1] / 'timm_rc' / 'cli' / f'{command}.py').read_text()
+    package = Path(__file__).resolve().parents[1] / 'timm_rc'
+    # python -m timm_rc <verb> hands every verb's main to the same runner
+    assert 'run_command(main)' in (package / '__main__.py').read_text()
+    for command in ('compress', 'convert', 'eval', 'export', 'plots', 'results', 'sweep'):
+        cli = (package / 'cli' / f'{command}.py').read_text()
         assert cli.rstrip().endswith("if __name__ == '__main__':\n    run(main)"), command
 
 

@@ -173,7 +173,7 @@ def test_sampled_run_draws_per_batch_and_saves_everything(sampled_run, tmp_path)
     assert len({tuple(d) for d in drawn}) > 3  # several (k1, k2) pairs
     stats = load_file(str(out / 'bn_stats' / 'epoch_0002.safetensors'))
     assert 'cell2.group2.step2.bn1.running_mean' in stats and 'cell1.step2.bn2.weight' in stats
-    from timm_rc.figures import plot_bn
+    from timm_rc.reports.figures import plot_bn
     names = sorted(p.name for p in plot_bn(out, out=tmp_path))
     assert 'bn_cell2.group0_bn1.png' in names and 'bn_cell1_bn1.png' in names and len(names) == 2 + 3 * 2
     model = timm.create_model(f'local-dir:{out}', pretrained=True)

@@ -15,7 +15,7 @@ import yaml
 
 from test_train import make_parquet
 from timm_rc.cli.sweep import main
-from timm_rc.sweep_runner import LOG_HEADER, Overview, Run, expand_command, grid
+from timm_rc.train.sweeps import LOG_HEADER, Overview, Run, expand_command, grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / 'train_configs' / 'sweeps').glob('*.yaml'))
@@ -134,26 +134,48 @@ def test_dry_run_of_a_shipped_sweep(monkeypatch, capsys):
     assert lines[1].endswith(': runs/rc1_cifar10/seed0') and lines[15].endswith(': runs/resnet18_cifar10/seed2')
 
 
+def test_dry_run_shows_each_runs_thread_share_or_gpu(monkeypatch, capsys):
+    """ --dry-run prints the commands as the runner starts them: with --parallel on a CPU machine, each run's
+    share of the cores as OMP_NUM_THREADS and --num_threads (which beats the config file's). """
+    import torch
+    import timm_rc.train.sweeps as runner
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(runner.os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--parallel', '4']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == '# 4 at once; each gets 2 CPU threads (its share of the cores)'
+    assert lines[2].split('  # ')[0] == ('OMP_NUM_THREADS=2 accelerate launch train.py '
+                                         '--config=train_configs/rc1_cifar10.yaml --seed=0 --num_threads 2')
+    assert len(lines) == 17 and all(line.startswith('OMP_NUM_THREADS=2 ') for line in lines[2:])
+    assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--gpus', '0,1']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == '# 2 at once; run slot i gets GPU gpus[i % 2] as the slots free up'
+    assert [line.split(' ')[0] for line in lines[2:5]] == ['CUDA_VISIBLE_DEVICES=0', 'CUDA_VISIBLE_DEVICES=1',
+                                                           'CUDA_VISIBLE_DEVICES=0']
+
+
 # ---- user errors: exit code 2, one line ---------------------------------------------------------
 
 
 TRAINER = str(REPO / 'train.py')
 ERRORS = [
     (dict(method='random', parameters={'a': {'values': [1]}}),
-     "has method 'random': timm_rc.sweep runs only `method: grid` sweeps without a server; run it with W&B's "
+     "has method 'random': python -m timm_rc sweep runs only `method: grid` sweeps without a server; run it with W&B's "
      "server instead: `wandb sweep FILE`, then `wandb agent ENTITY/PROJECT/SWEEP_ID`"),
     (dict(method='bayes', parameters={'a': {'values': [1]}}), "has method 'bayes'"),
     (dict(method=None, parameters={'a': {'values': [1]}}), 'has no method'),
     (dict(parameters={'lr': {'distribution': 'uniform', 'min': 0.01, 'max': 0.1}}),
      'parameter \'lr\' ({"distribution": "uniform", "max": 0.1, "min": 0.01}) cannot be expanded into a grid: '
-     'timm_rc.sweep takes `values: [...]`, `value: x` or integer `min`/`max`; run it with W&B\'s server'),
+     'python -m timm_rc sweep takes `values: [...]`, `value: x` or integer `min`/`max`; run it with W&B\'s server'),
     (dict(parameters={'opt': {'parameters': {'lr': {'values': [1]}}}}), "parameter 'opt' has nested parameters"),
     (dict(parameters={'a': {'values': []}}), "parameter 'a': `values` must be a non-empty list"),
     (dict(parameters={'a': {'min': 3, 'max': 1}}), "parameter 'a': min 3 is larger than max 1"),
     (dict(program='x.py', parameters={'a': {'values': [1]}}, command=['${program}', '${argz}']),
      'the command has an unknown macro ${argz} (wandb agent would drop it)'),
     (dict(program='x.py', parameters={'a': {'values': [1]}}, command=['${program}', '${args_json_file}']),
-     "the command's ${args_json_file} is not supported by timm_rc.sweep"),
+     "the command's ${args_json_file} is not supported by python -m timm_rc sweep"),
     (dict(parameters={'a': {'values': [1]}}), 'the command uses ${program} but the sweep file has no `program`'),
     (dict(program=TRAINER, parameters={'lr': {'values': [0.1, 0.2]}, 'output_dir': {'value': 'runs/x'}}),
      'runs 1 (lr=0.1) and 2 (lr=0.2) both write to runs/x: put what differs into output_dir'),
@@ -247,7 +269,7 @@ def test_parallel_cpu_runs_get_their_share_of_the_cores(tmp_path, monkeypatch, c
     """ Without GPUs, N runs at once get cores // N threads each (OMP_NUM_THREADS), unless the user chose
     (OMP_NUM_THREADS set, or --num_threads in the command); one run at a time keeps the default (issue 17,
     item 5). """
-    import timm_rc.sweep_runner as runner
+    import timm_rc.train.sweeps as runner
     monkeypatch.setattr('torch.cuda.is_available', lambda: False)
     monkeypatch.setattr(runner.os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
     assert runner.cpu_threads_per_run(2, None, {}) == 4 and runner.cpu_threads_per_run(3, None, {}) == 2

@@ -132,8 +132,8 @@ def test_final_model_loads_in_timm_and_reproduces_the_test_error(tiny_run, tiny_
 
 
 def test_plots_and_results_table(tiny_run, tmp_path):
-    from timm_rc.figures import plot_bn, plot_curves
-    from timm_rc.results import collect, table
+    from timm_rc.reports.figures import plot_bn, plot_curves
+    from timm_rc.reports.tables import collect, table
     out, summary = tiny_run
     pngs = plot_bn(out, out=tmp_path)
     assert sorted(p.name for p in pngs) == ['bn_cell1_bn1.png', 'bn_cell1_bn2.png', 'bn_cell2_bn1.png',
@@ -144,7 +144,7 @@ def test_plots_and_results_table(tiny_run, tmp_path):
 
 
 def test_results_table_puts_the_paper_beside_the_mean_over_seeds(tmp_path):
-    from timm_rc.results import collect, table
+    from timm_rc.reports.tables import collect, table
     for seed, err in enumerate([8.0, 9.0, 10.0]):
         d = tmp_path / f'seed{seed}'
         d.mkdir()
@@ -520,6 +520,19 @@ def test_help_lists_every_key_with_type_default_and_comment(capsys):
     assert out.index('\nmodel:') < out.index('\ndata:') < out.index('\nspeed:')
 
 
+@pytest.mark.parametrize('argv0,door,usage', [
+    ('train.py', None, 'usage: python train.py [--config'),
+    ('/venv/bin/timm-rc-train', None, 'usage: timm-rc-train [--config'),
+    ('/x/timm_rc/__main__.py', 'front', 'usage: python -m timm_rc train [--config'),
+    ('/venv/bin/timm-rc', 'front', 'usage: timm-rc train [--config'),
+])
+def test_help_names_the_command_the_user_ran(argv0, door, usage, capsys, monkeypatch):
+    import timm_rc.__main__ as front
+    monkeypatch.setattr(sys, 'argv', [argv0, '--help'])
+    assert (front.main(['train', '--help']) if door else main(['--help'])) in (None, 0)
+    assert capsys.readouterr().out.startswith(usage)
+
+
 def test_the_run_prints_its_resolved_model_kwargs(tiny_data, tmp_path, capsys):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model_kwargs: {bn_sharing: none}\n')
@@ -617,8 +630,11 @@ def test_resume_takes_the_runs_own_settings(tiny_data, tmp_path, capsys):
     assert code == 2 and 'lr: 0.05 in the run, 0.2 now' in err
 
 
-def test_ctrl_c_says_where_the_newest_checkpoint_is(tiny_data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('door', ['train.py', 'python -m timm_rc train'])
+def test_ctrl_c_says_where_the_newest_checkpoint_is(door, tiny_data, tmp_path, capsys, monkeypatch):
+    """ The resume hint names the command the user ran (issue 23: the front door said `python train.py`). """
     import timm_rc.train.loop as loop
+    import timm_rc.__main__ as front
 
     def interrupt(point):
         if point == 'step9':  # in epoch 2 (6 steps per epoch)
@@ -626,10 +642,22 @@ def test_ctrl_c_says_where_the_newest_checkpoint_is(tiny_data, tmp_path, capsys,
     monkeypatch.setattr(loop, 'fault', interrupt)
     out = tmp_path / 'run'
     argv = ['--data_dir', str(tiny_data), '--output_dir', str(out), '--epochs', '3', *TINY]
-    code, err = run_main(argv, capsys)
+    if door == 'train.py':
+        monkeypatch.setattr(sys, 'argv', ['train.py'])
+        code, err = run_main(argv, capsys)
+    else:
+        monkeypatch.setattr(sys, 'argv', ['/x/timm_rc/__main__.py'])
+        with pytest.raises(SystemExit) as e:
+            try:
+                front.main(['train', *argv])
+            finally:
+                reset_accelerate_state()
+        code, err = e.value.code, capsys.readouterr().err
+        assert sys.argv == ['/x/timm_rc/__main__.py']  # given back
     assert code == 130 and 'Traceback' not in err
+    prog = 'python train.py' if door == 'train.py' else door
     assert f'interrupted. The newest complete checkpoint is {out}/checkpoints/epoch_0001; continue with: ' \
-           f'python train.py --data_dir {tiny_data} --output_dir {out} --epochs 3' in err
+           f'{prog} --data_dir {tiny_data} --output_dir {out} --epochs 3' in err
     assert err.rstrip().endswith('--resume (or the same through accelerate launch)')
 
 
@@ -806,7 +834,7 @@ def test_the_model_artifact_holds_the_weights_and_config(tiny_run):
 
 
 def test_cpu_demo_config_and_sweep(tiny_data, tmp_path, monkeypatch):
-    from timm_rc.sweep_runner import load_sweep, plan
+    from timm_rc.train.sweeps import load_sweep, plan
     # the sweep's paths are relative to the folder it runs from (the repository, as for `wandb agent`);
     # a copy of that layout keeps the repository's own runs/ out of the test
     for name in ('train_configs', 'train.py'):

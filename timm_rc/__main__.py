@@ -5,6 +5,7 @@ to it (imported when asked for, so that `--help` is instant). The old module pat
 (`python -m timm_rc.eval`, ...) keep working until 0.4.0.
 """
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -35,17 +36,26 @@ def _usage() -> str:
 def main(argv: Optional[Sequence[str]] = None):
     """ Dispatch to the command's own `main` (its exit code is returned). """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help', 'help'):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        print(f'error: no command given; name one of {", ".join(COMMANDS)}', file=sys.stderr)
+        return 2
+    if argv[0] in ('-h', '--help', 'help'):
         print(_usage())
-        return 0 if argv else 2
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f'error: unknown command {name!r}; the commands are {", ".join(COMMANDS)} '
               f'(python -m timm_rc --help)', file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    if name == 'train':  # the trainer's command line reads its program name for --help
-        sys.argv = [f'{sys.argv[0]} train', *rest]
+    if name == 'train':  # the trainer names itself in --help and in its resume hint as the user called it
+        console = os.path.basename(sys.argv[0]) == 'timm-rc' if sys.argv else False
+        saved, sys.argv = sys.argv, ['timm-rc train' if console else 'python -m timm_rc train', *rest]
+        try:
+            return module.main(rest)
+        finally:
+            sys.argv = saved
     return module.main(rest)
 
 

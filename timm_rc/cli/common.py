@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import UserError
-from ..formatting import format_table
+from ..reports.formatting import format_table
 
 __all__ = ['ArgumentParser', 'command', 'run', 'fail', 'add_threads_option', 'set_threads', 'json_object', 'int_list', 'positive', 'format_table']
 
@@ -26,6 +26,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f'{message} (see {self.prog} --help)')
+
+    def parse_known_args(self, args=None, namespace=None):
+        # an unknown option is named first: argparse would otherwise report a required option that a typo
+        # (--ouput) left out, and never the typo
+        args = list(sys.argv[1:] if args is None else args)
+        if self._subparsers is None:  # a command with sub-commands leaves this to the sub-command's parser
+            for token in args:
+                if token == '--':
+                    break
+                if not token.startswith('--'):
+                    continue
+                name = token.split('=', 1)[0]
+                if not any(known.startswith(name) for known in self._option_string_actions):
+                    import difflib
+                    close = difflib.get_close_matches(name, [o for o in self._option_string_actions
+                                                             if o.startswith('--')], n=1)
+                    hint = f'; did you mean {close[0]}?' if close else ''
+                    self.error(f'unknown option {name}{hint}')
+        return super().parse_known_args(args, namespace)
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

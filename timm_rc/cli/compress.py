@@ -15,14 +15,14 @@ commands, each a thin layer over the functions below:
     # real int8 inference on the CPU: PT2E static quantization (torch.export, torchao's X86InductorQuantizer)
     python -m timm_rc compress int8 runs/rc4/seed0
 
-A thin layer over `timm_rc.compression` (report_models, quantize_run, int8_run) and `timm_rc.quantize`.
+A thin layer over `timm_rc.deploy.compression` (report_models, quantize_run, int8_run) and `timm_rc.quantize`.
 """
 import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..compression import int8_run, quantize_run, report_models
+from ..deploy.compression import int8_run, quantize_run, report_models
 from ..errors import UserError
 from ..quantize import BITS, DEFAULT_GROUP_SIZE
 from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, format_table, int_list, \

@@ -4,16 +4,16 @@
     python -m timm_rc convert resnet50 --output rc_resnet50.safetensors          # a timm model (its pretrained tag)
     python -m timm_rc convert RUN --output rc4.safetensors --init average --rank 2 --recalibrate 50
 
-A thin layer over `timm_rc.convert_weights` (which calls `timm_rc.convert_to_rc`): prints what was shared
+A thin layer over `timm_rc.deploy.convert` (which calls `timm_rc.convert_to_rc`): prints what was shared
 and, for the paper's ResNet-10/18 graphs, the command that fine-tunes the result as RC-2/RC-4.
 """
 import dataclasses
 import json
 from typing import Sequence
 
-from ..config import INIT_KWARGS
+from ..models.create import INIT_KWARGS
 from ..conversion import RCConversion
-from ..convert_weights import convert_weights
+from ..deploy.convert import convert_weights
 from ..models.rc_timm import RC_FAMILIES as RC_BASES
 from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, int_list, json_object, \
     recalibration, run, set_threads

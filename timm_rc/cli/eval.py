@@ -18,7 +18,7 @@ command prints the test error and the FLOPs per image of each (one multiply-add 
 object per run, whose 'steps' holds a row per k': {steps, top1_error, top5_error, loss, examples,
 flops_per_image}.
 
-A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_rc.loading.load_model` and
+A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_rc.runs.source.load_model` and
 measures with `timm_rc.evaluation.evaluate`, the trainer's own evaluation).
 """
 import json
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
-from ..figures import plot_steps
+from ..reports.figures import plot_steps
 from .common import ArgumentParser, add_recalibrate_options, add_threads_option, command, int_list, json_object, \
     recalibration, run, set_threads
 

@@ -8,15 +8,16 @@
 
 Every file is checked before the command says it wrote it: loaded back and run against the model (ONNX in
 onnxruntime at every graph optimization level), and checked to store each shared weight once. Needs the
-`export` extra for ONNX: pip install "timm_rc[export]". A thin layer over `timm_rc.export.export_model`.
+`export` extra for ONNX: pip install "timm_rc[export]". A thin layer over `timm_rc.deploy.export.export_model`.
 """
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..export import export_model, require_onnx
-from ..loading import load_model, load_source
+from ..deploy.export import export_model, require_onnx
+from ..runs.source import load_model, load_source
 from ..quantize import int8_weights, is_quantized, quantized_name
 from ..runs import Run
 from .common import ArgumentParser, add_threads_option, command, json_object, run, set_threads
@@ -69,6 +70,17 @@ def main(argv: Sequence[str]) -> dict:
         require_onnx()  # before anything is loaded
     if output.exists() and output.is_dir():
         raise UserError(f'--output {args.output} is a folder; name a file *.onnx or *.pt2')
+    folder = next((p for p in output.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f'--output {args.output}: {folder} is a file, not a folder; name a file in a folder')
+    source = Path(args.source)
+    if not args.int8 and source.is_file() and is_quantized(source):
+        if output.suffix.lower() == '.onnx':
+            args.int8 = True  # the file holds int8 weights: export them as such, not 4x larger dequantized
+            print(f'note: {args.source} holds int8 weights; exporting them as int8 (as --int8)', file=sys.stderr)
+        else:
+            print(f'note: {args.source} holds int8 weights; a .pt2 stores them dequantized (float); for int8 '
+                  f'weights in the file, export *.onnx', file=sys.stderr)
     quantized = None
     if args.int8:
         int8_path = _int8_file(args.source)

@@ -6,7 +6,7 @@
     python -m timm_rc plots tradeoff ROOT [ROOT ...] --out F        # test error against parameters, a point per
                                                                     # row of python -m timm_rc results ROOT ...
 
-A thin layer over `timm_rc.figures` (`plot_bn`, `plot_curves`, `plot_tradeoff`) and `timm_rc.tables`.
+A thin layer over `timm_rc.reports.figures` (`plot_bn`, `plot_curves`, `plot_tradeoff`) and `timm_rc.reports.tables`.
 """
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +14,8 @@ from typing import Sequence
 import sys
 
 from ..errors import UserError
-from ..figures import plot_bn, plot_curves, plot_tradeoff
-from ..tables import collect, result_rows
+from ..reports.figures import plot_bn, plot_curves, plot_tradeoff
+from ..reports.tables import collect, result_rows
 from .common import ArgumentParser, command, run
 
 __all__ = ['main']

@@ -1,7 +1,7 @@
 """ `python -m timm_rc results RUNS_DIR [...] [--markdown]`: the paper's tables beside this project's runs.
 
 Pools the runs below the given folders that differ in the seed alone, one row per configuration, the
-paper's number beside it. A thin layer over `timm_rc.tables` (`collect`, `table`), whose docstring says
+paper's number beside it. A thin layer over `timm_rc.reports.tables` (`collect`, `table`), whose docstring says
 what is compared and how.
 """
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..tables import collect, table
+from ..reports.tables import collect, table
 from .common import ArgumentParser, command, run
 
 __all__ = ['main']

@@ -1,15 +1,16 @@
 """ `python -m timm_rc sweep FILE [--dry-run] [--parallel N] [--gpus 0,1]`: run a W&B grid sweep file without a
-W&B server. A thin layer over `timm_rc.sweep_runner` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
-this command's --help, and `timm_rc.tables`.
+W&B server. A thin layer over `timm_rc.train.sweeps` (`load_sweep`, `plan`, `run_sweep`), whose docstring is
+this command's --help, and `timm_rc.reports.tables`.
 """
 import argparse
+import os
 import shlex
 from pathlib import Path
 from typing import List, Sequence
 
-from .. import sweep_runner
-from ..sweep_runner import load_sweep, plan, run_sweep
-from ..tables import collect, table
+from ..train import sweeps
+from ..train.sweeps import cpu_threads_per_run, launch, load_sweep, plan, run_sweep
+from ..reports.tables import collect, table
 from .common import ArgumentParser, command, run
 
 __all__ = ['main']
@@ -34,7 +35,7 @@ def _positive(text: str) -> int:
 
 @command(returns_code=True)
 def main(argv: Sequence[str]) -> int:
-    parser = ArgumentParser(prog='python -m timm_rc sweep', description=sweep_runner.__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc sweep', description=sweeps.__doc__)
     parser.add_argument('sweep', help='a W&B sweep file (method: grid), e.g. train_configs/sweeps/table2_cifar10.yaml')
     parser.add_argument('--dry-run', action='store_true', help='print the commands (and what each run would do)')
     parser.add_argument('--parallel', type=_positive, default=None,
@@ -54,12 +55,18 @@ def main(argv: Sequence[str]) -> int:
         head = (f'# {args.sweep}: grid of {len(runs)} runs; its program {sweep.get("program")!r} is not timm_rc\'s '
                 f'trainer, so runs are not checked for completion: all are run')
     print(head, flush=True)
-    if args.dry_run:
-        for r in runs:
-            note = f'{r.state}: {r.output_dir}' if r.output_dir is not None else f'log {r.log_file}'
-            print(f'{shlex.join(r.command)}  # {note}')
-        return 0
     parallel = args.parallel or (len(args.gpus) if args.gpus else 1)
+    if args.dry_run:
+        threads = cpu_threads_per_run(parallel, args.gpus, os.environ)
+        share = (f'; each gets {threads} CPU thread{"s" * (threads != 1)} (its share of the cores)' if threads
+                 else f'; run slot i gets GPU gpus[i % {len(args.gpus)}] as the slots free up' if args.gpus else '')
+        if parallel > 1:
+            print(f'# {parallel} at once{share}')
+        for i, r in enumerate(runs):
+            command, env, _ = launch(r, i % parallel, args.gpus, threads)
+            note = f'{r.state}: {r.output_dir}' if r.output_dir is not None else f'log {r.log_file}'
+            print(''.join(f'{k}={v} ' for k, v in sorted(env.items())) + f'{shlex.join(command)}  # {note}')
+        return 0
     again = shlex.join(['python', '-m', 'timm_rc', 'sweep', *argv])
     code = run_sweep(runs, name, parallel=parallel, gpus=args.gpus, again=again)
     if trainer and code != 130:

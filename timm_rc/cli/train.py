@@ -2,9 +2,9 @@
 
     accelerate launch train.py --config train_configs/rc4_cifar10.yaml [--key value ...]
     python train.py --model rc4_cifar --data_dir ../shared/data/cifar10 --epochs 1
-    python train.py --help                                   # every key, from timm_rc.config.TrainConfig
+    python train.py --help                                   # every key, from timm_rc.runs.config.TrainConfig
 
-A thin layer over `timm_rc.train.train`: parses the config (`timm_rc.config.load_config`), runs, and
+A thin layer over `timm_rc.train.train`: parses the config (`timm_rc.runs.config.load_config`), runs, and
 turns what stops a run into an exit code: a user error is one line (from the main process only) and
 exit code 2, a diverged run 3, Ctrl-C or SIGTERM 130 with where to resume.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
-from ..config import TrainConfig, config_help, wants_help
+from ..runs.config import TrainConfig, config_help, wants_help
 from ..errors import UserError
 from ..runs import Run, load_run_config
 from ..train.loop import Diverged, train
@@ -37,8 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
-        name = os.path.basename(sys.argv[0])
-        print(config_help(name if name in ('timm-rc-train', 'train.py') else 'train.py'))
+        print(config_help(program()))
         return
     cfg = None
 
@@ -70,6 +69,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def program() -> str:
+    """ How the user started the trainer, for --help and the resume hint: `python -m timm_rc train`,
+    `timm-rc train`, `timm-rc-train` or (the default) `python train.py`. """
+    name = sys.argv[0] if sys.argv else ''
+    if name.endswith(' train'):  # set by timm_rc.__main__
+        return name
+    return 'timm-rc-train' if os.path.basename(name) == 'timm-rc-train' else 'python train.py'
+
+
 def _resume_hint(cfg: Optional[TrainConfig], argv: Sequence[str]) -> str:
     if cfg is None:
         return 'Nothing was started.'
@@ -92,7 +100,7 @@ def _resume_hint(cfg: Optional[TrainConfig], argv: Sequence[str]) -> str:
         if not a.startswith('--resume='):
             kept.append(a)
     args = shlex.join(kept)
-    return (f'The newest complete checkpoint is {newest}; continue with: python train.py {args} --resume '
+    return (f'The newest complete checkpoint is {newest}; continue with: {program()} {args} --resume '
             f'(or the same through accelerate launch)')
 
 

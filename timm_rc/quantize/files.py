@@ -18,8 +18,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..config import INIT_KWARGS
-from ..create import create_model
+from ..models.create import INIT_KWARGS
+from ..models.create import create_model
 from ..errors import UserError
 from .weight_only import DEFAULT_GROUP_SIZE, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 

@@ -1,7 +1,7 @@
 """ The trainer: the paper's protocol through Hugging Face Accelerate (`train`). Its command line is
 `timm_rc.cli.train` (`python train.py`, `accelerate launch train.py`, `timm-rc-train`). """
 from .._deprecated import alias
-from ..config import TrainConfig, load_config
+from ..runs.config import TrainConfig, load_config
 from ..errors import UserError
 from .loop import Diverged, reset_accelerate_state, train
 

@@ -2,7 +2,7 @@
 
 Each epoch the trainer saves, for every `Unrolled` cell, step and BN layer, the running mean and
 variance and gamma (weight) and beta (bias) per channel to `bn_stats/epoch_NNNN.safetensors`, and logs
-their channel means to the trackers. `timm_rc.plots` draws the figures from those files. A cell with
+their channel means to the trackers. `python -m timm_rc plots` draws the figures from those files. A cell with
 several BN groups (`bn_sharing='double'`: group g serves cell 2 after cell 1 ran g + 1 steps) names
 them '<cell>.group<g>.step<i>...', which the plots draw as a cell of their own.
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoints import usual_mode
+from ..runs.checkpoints import usual_mode
 from ..layers import Unrolled
 
 __all__ = ['per_step_bn', 'bn_scalars', 'save_bn_stats', 'STATS']

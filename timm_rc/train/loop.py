@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from .._deprecated import alias
-from ..checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
+from ..runs.checkpoints import checkpoint_problem, choose_checkpoint, fault, read_trainer_state, remove_partial, \
     save_checkpoint
-from ..config import INIT_KWARGS, TrainConfig, paper_epochs
-from ..create import create_model
-from ..distillation import Teacher, check_teacher, distillation_task, load_teacher
+from ..runs.config import INIT_KWARGS, TrainConfig, paper_epochs
+from ..models.create import create_model
+from .distillation import Teacher, check_teacher, distillation_task, load_teacher
 from ..data import BatchedTensorDataset, GpuBatches, Splits, augment, collate_batch, epoch_generator, load_splits, \
     normalize
 from ..errors import UserError
@@ -370,6 +370,7 @@ class _EpochStats:
     steps: int
     steps_drawn: Optional[List[list]]  # sample_steps: each process's k' draws
     lr: float  # the lr of the epoch's last step (the one it trained with, not the next epoch's)
+    lr_mean: float  # the mean over the epoch's steps: below `lr` in warm-up epochs
     kd_loss: Optional[float]  # distillation: the mean distillation term (before alpha)
     stop: bool  # max_steps reached
 
@@ -563,6 +564,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
     kd_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = steps = 0
+    lr_sum = 0.0
     drawn = []  # this epoch's k' draws (sample_steps)
     host = HostScalars(device)
     # short epochs refresh more often than log_interval, so that the loss shows within the epoch
@@ -592,6 +594,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
         if cfg.clip_grad_value is not None:
             accelerator.clip_grad_value_(model.parameters(), cfg.clip_grad_value)
         lr = s.scheduler.get_last_lr()[0]  # this step's lr (the scheduler steps to the next one below)
+        lr_sum += lr
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -625,7 +628,7 @@ def _train_epoch(s: _Setup, epoch: int, bar) -> _EpochStats:
     steps_drawn = _gather_draws(accelerator, drawn, cells) if cfg.sample_steps is not None else None
     return _EpochStats(train_loss=totals[0].item() / (steps * world), train_acc=totals[1].item() / (seen * world),
                        seconds=time.time() - t0, images=seen * world, steps=steps, steps_drawn=steps_drawn, stop=stop,
-                       lr=lr,
+                       lr=lr, lr_mean=lr_sum / steps,
                        kd_loss=totals[2].item() / (steps * world) if s.task is not None else None)
 
 
@@ -647,7 +650,8 @@ def _record_epoch(s: _Setup, epoch: int, stats: _EpochStats, test, eval_seconds:
         'train/loss': stats.train_loss, 'train/acc': stats.train_acc, 'test/top1_err': test.top1_error,
         'test/top1_acc': test.top1_acc, 'test/loss': test.loss,
         **({'test/top5_err': test.top5_error} if test.top5_error is not None else {}),
-        'lr': stats.lr, 'epoch': epoch + 1, 'epoch_time_s': stats.seconds, 'eval_time_s': eval_seconds,
+        # 12 significant digits: 0.1 / 10 is logged 0.01, not 0.010000000000000002
+        'lr': float(f'{stats.lr:.12g}'), 'lr_mean': float(f'{stats.lr_mean:.12g}'), 'epoch': epoch + 1, 'epoch_time_s': stats.seconds, 'eval_time_s': eval_seconds,
         'images_per_sec': stats.images / stats.seconds, **bn_scalars(bn),
         **({'train/kd_loss': stats.kd_loss} if stats.kd_loss is not None else {}),
     }

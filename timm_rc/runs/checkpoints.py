@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['complete_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'read_trainer_state', 'fault',
            'checkpoint_problem', 'choose_checkpoint', 'WriteFailed', 'writing']

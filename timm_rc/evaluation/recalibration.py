@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import ImageSplit, augment, normalize
+from ..data import ImageSplit, augment, normalize
 
 __all__ = ['recalibrate_bn', 'recalibration_batches', 'recalibrate_from_split', 'DEFAULT_RECALIBRATION_BATCH']
 

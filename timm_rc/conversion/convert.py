@@ -38,7 +38,7 @@ from torch import nn
 
 from timm.layers import DropPath
 
-from .layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, LowRankCorrected, Unrolled, correctable, is_norm, step_map, \
+from ..layers.unroll import BN_SHARING, DEFAULT_BN_POLICY, LowRankCorrected, Unrolled, correctable, is_norm, step_map, \
     unroll
 
 __all__ = ['convert_to_rc', 'RCConversion', 'SharedRun', 'find_runs', 'INITS']

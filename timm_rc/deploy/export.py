@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
-__all__ = ['export_model', 'ExportReport', 'FORMATS', 'ORT_LEVELS', 'onnx_weights', 'check_onnx', 'require_onnx']
+__all__ = ['export_model', 'ExportReport', 'FORMATS', 'ORT_LEVELS', 'onnx_weights', 'check_onnx', 'require_onnx',
+           'distinct_bn']
 
 FORMATS = ('onnx', 'pt2')
 ORT_LEVELS = ('disabled', 'basic', 'extended', 'all')
@@ -66,6 +67,26 @@ def require_onnx() -> None:
     if missing:
         raise UserError(f'ONNX export needs {", ".join(missing)}: pip install "timm_rc[export]" (or pip install onnx '
                         f'onnxscript onnxruntime)')
+
+
+def distinct_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """ Fill every BN layer's affine parameters and running statistics with distinct values, as a trained network's
+    are (in place; returns `model`). An untrained network's BN layers all hold ones and zeros, which the ONNX
+    exporter stores once as shared initializers: an export check (file size, stored weights, sharing kept) made
+    on one would be flattered. Deterministic in `seed`. """
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(t: torch.Tensor, low: float, high: float) -> None:
+        t.copy_(torch.empty(t.shape).uniform_(low, high, generator=g))
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    fill(m.weight, 0.5, 1.5), fill(m.bias, -0.1, 0.1)
+                if m.track_running_stats:
+                    fill(m.running_mean, -0.1, 0.1), fill(m.running_var, 0.5, 1.5)
+    return model
 
 
 def _format(path: Path, format: Optional[str]) -> str:

@@ -15,16 +15,17 @@ error against FLOPs per image, one line per run, each point labelled with its k'
 against unique parameters, one point per row of the results table (mean ± std over seeds).
 """
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import UserError
-from .runs import Run
+from ..errors import UserError
+from ..runs import Run
 
-__all__ = ['bn_figures', 'curves_figure', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label',
-           'tradeoff_figure', 'plot_tradeoff']
+__all__ = ['bn_figures', 'curves_figure', 'curve_labels', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label',
+           'tradeoff_figure', 'plot_tradeoff', 'image_path']
 
 STAT_TITLES = {'running_mean': 'running mean', 'running_var': 'running variance', 'weight': 'gamma',
                'bias': 'beta'}
@@ -35,6 +36,29 @@ def _pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def image_path(out) -> Path:
+    """ `out` checked as an image file to write, before any figure is made: no suffix gets '.png'; a suffix
+    matplotlib cannot write, a folder, or a parent that is a file is a `UserError` naming the choices. """
+    from matplotlib.backend_bases import FigureCanvasBase
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f'{out} is a folder; name the image file to write, e.g. {out / "figure.png"}')
+    if not out.suffix:
+        out = out.with_name(out.name + '.png')
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.suffix[1:].lower() not in formats:
+        raise UserError(f'{out}: cannot write a {out.suffix} image; name it .png (or {", ".join(formats)})')
+    _writable_folder(out.parent)
+    return out
+
+
+def _writable_folder(folder: Path) -> None:
+    """ A `UserError` when `folder`, or the nearest part of it that exists, is a file. """
+    existing = next((p for p in [folder, *folder.absolute().parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f'{existing} is a file, not a folder; write the figures elsewhere')
 
 
 def _integer_ticks(axis) -> None:
@@ -57,8 +81,9 @@ def bn_figures(run_dir: Path, epoch: Optional[int] = None) -> Dict[Tuple[str, st
         raise UserError(f'{run_dir} has no bn_stats/epoch_*.safetensors (is it a timm_rc run of an RC model? a model '
                         f'without BN layers in its cells, bn_sharing none, has no per-step statistics)')
     path = files[-1] if epoch is None else run.bn_stats_file(epoch)
-    if not path.is_file():
-        raise UserError(f'{path} does not exist; epochs saved: {", ".join(f.stem[6:] for f in files)}')
+    if epoch is not None and (epoch < 1 or not path.is_file()):
+        raise UserError(f'no BN statistics for epoch {epoch} in {run.path / "bn_stats"}; epochs saved: '
+                        f'{_ranges([int(f.stem.split("_")[-1]) for f in files])} (leave --epoch out for the last)')
     stats = load_file(str(path))
     # '<cell>.step<i>.<bn>.<stat>' -> grouped[(cell, bn)][stat][i]
     grouped = defaultdict(lambda: defaultdict(dict))
@@ -86,11 +111,23 @@ def bn_figures(run_dir: Path, epoch: Optional[int] = None) -> Dict[Tuple[str, st
     return figures
 
 
+def _ranges(numbers: Sequence[int]) -> str:
+    """ [1, 2, 3, 5, 7, 8] -> '1-3, 5, 7-8'. """
+    parts, numbers = [], sorted(numbers)
+    for n in numbers:
+        if parts and n == parts[-1][1] + 1:
+            parts[-1][1] = n
+        else:
+            parts.append([n, n])
+    return ', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in parts)
+
+
 def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = None) -> List[Path]:
     """ One PNG per (cell, BN layer) in `out` (default RUN_DIR/plots); see `bn_figures`. """
     plt = _pyplot()
-    figures = bn_figures(run_dir, epoch)
     out = Path(out or Path(run_dir) / 'plots')
+    _writable_folder(out)
+    figures = bn_figures(run_dir, epoch)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for (cell, bn), fig in figures.items():
@@ -101,19 +138,41 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
     return written
 
 
-def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
-    """ Figure 2: training loss and test top-1 error against epochs, one line per run. """
-    plt = _pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4))
+def curve_labels(run_dirs: Sequence[Path]) -> Tuple[List[str], str]:
+    """ (one short legend label per run, the title with what they all share). A label is the run's model, the
+    kwargs not every run shares, and its folder below the runs' common folder; the title holds the shared kwargs
+    and that folder, so neither outgrows the figure. """
+    runs = [Path(r) for r in run_dirs]
+    specs = [Run(r).model_spec() or (None, {}) for r in runs]
+    kwargs = _distinct([[f'{k} {json.dumps(v)}' for k, v in sorted(kw.items())] for _, kw in specs])
+    shared = sorted(set.intersection(*[{f'{k} {json.dumps(v)}' for k, v in kw.items()} for _, kw in specs])) \
+        if specs else []
+    common = Path(os.path.commonpath([str(r.absolute()) for r in runs])) if runs else Path('.')
+    if len(runs) == 1:
+        common = runs[0].absolute().parent
     labels = []
+    for run, (model, _), kw in zip(runs, specs, kwargs):
+        where = os.path.relpath(run.absolute(), common)
+        labels.append(', '.join([model or where, *kw]) + (f' ({where})' if model else ''))
+    try:
+        shown = common.relative_to(Path.cwd())
+    except ValueError:
+        shown = common
+    title = ', '.join(shared) + ('; ' if shared else '') + f'runs in {shown}'
+    return labels, title
+
+
+def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
+    """ Figure 2: training loss and test top-1 error against epochs, one line per run (labels: `curve_labels`,
+    the legend below the panels). """
+    plt = _pyplot()
     for run in map(Path, run_dirs):
-        f = run / Run.METRICS
-        if not f.is_file():
-            plt.close(fig)
-            raise UserError(f'{f} does not exist; give run folders written by the trainer')
+        if not (run / Run.METRICS).is_file():
+            raise UserError(f'{run / Run.METRICS} does not exist; give run folders written by the trainer')
+    labels, title = curve_labels(run_dirs)
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run, label in zip(map(Path, run_dirs), labels):
         rows = Run(run).metrics()
-        label = run_label(run)
-        labels.append(label)
         epochs = [r['epoch'] for r in rows]
         ax_loss.plot(epochs, [r['train/loss'] for r in rows], label=label)
         ax_err.plot(epochs, [r['test/top1_err'] for r in rows], label=label)
@@ -121,14 +180,17 @@ def curves_figure(run_dirs: Sequence[Path]) -> 'matplotlib.figure.Figure':
     ax_err.set(xlabel='epoch', ylabel='test error (%)', title='test error')
     for ax in (ax_loss, ax_err):
         _integer_ticks(ax.xaxis)
-    ax_err.legend(fontsize=8)
-    fig.suptitle('; '.join(labels), fontsize=9)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.legend(*ax_err.get_legend_handles_labels(), loc='lower center', fontsize=8,
+               ncol=2 if len(labels) > 3 else 1, bbox_to_anchor=(0.5, 0.0))
+    rows_below = (len(labels) + 1) // 2 if len(labels) > 3 else len(labels)
+    fig.tight_layout(rect=(0, min(0.05 + 0.045 * rows_below, 0.5), 1, 1))
     return fig
 
 
 def _save(fig, out: Path, **savefig_kwargs) -> Path:
-    """ Write a figure as a PNG (creating the folder) and free it. """
+    """ Write a figure (creating the folder) and free it; `out` was checked by `image_path`. """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, **savefig_kwargs)
@@ -137,7 +199,8 @@ def _save(fig, out: Path, **savefig_kwargs) -> Path:
 
 
 def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
-    """ Figure 2 as a PNG at `out`; see `curves_figure`. """
+    """ Figure 2 as a PNG at `out` (see `image_path`); see `curves_figure`. """
+    out = image_path(out)
     return _save(curves_figure(run_dirs), out)
 
 
@@ -172,7 +235,8 @@ def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
 
 
 def plot_steps(reports: Sequence[Dict], out: Path) -> Path:
-    """ `steps_figure` as a PNG at `out`. """
+    """ `steps_figure` as a PNG at `out` (see `image_path`). """
+    out = image_path(out)
     return _save(steps_figure(reports), out, bbox_inches='tight')
 
 
@@ -184,7 +248,7 @@ def _distinct(parts: List[List[str]]) -> List[List[str]]:
 
 def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     """ Test error (mean ± std over seeds) against unique parameters, one point per row of
-    `timm_rc.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
+    `timm_rc.reports.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
     row shares. """
     if not rows:
         raise UserError('no runs to plot: give folders that hold finished runs (summary.json)')
@@ -206,5 +270,6 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
 
 
 def plot_tradeoff(rows: Sequence[Dict], out: Path) -> Path:
-    """ `tradeoff_figure` as a PNG at `out`. """
+    """ `tradeoff_figure` as a PNG at `out` (see `image_path`). """
+    out = image_path(out)
     return _save(tradeoff_figure(rows), out, bbox_inches='tight')

@@ -1,8 +1,8 @@
 """ One evaluation for every caller: the trainer's end-of-epoch test and every command.
 
 `evaluate` measures a model over a loader (top-1/top-5 error, loss, per-class accuracy); the trainer
-calls it with its accelerator, `python -m timm_rc eval` through `evaluate_source`, `python -m
-timm_rc.compress` through `test_error_fn`, so a finished run evaluated again gives exactly the test
+calls it with its accelerator, `python -m timm_rc eval` through `evaluate_source`, `python -m timm_rc
+compress` through `test_error_fn`, so a finished run evaluated again gives exactly the test
 error its summary.json holds (same examples, batch size, precision and memory format: the run's own).
 `evaluate_over_steps` runs an RC network at other step counts (cost-adjustable inference, with
 `flops_per_image` as the cost axis).
@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import load_split, normalize, split_loader
-from .errors import UserError
-from .layers import BN_POLICIES
-from .loading import load_model, source_identity
-from .quantize import is_quantized
+from ..data import load_split, normalize, split_loader
+from ..errors import UserError
+from ..layers import BN_POLICIES
+from ..runs.source import load_model, source_identity
+from ..quantize import is_quantized
 from .recalibration import DEFAULT_RECALIBRATION_BATCH, recalibrate_from_split
-from .runs import Run
+from ..runs import Run
 
 __all__ = ['EvalResult', 'evaluate', 'evaluate_over_steps', 'flops_per_image', 'model_mean_std', 'evaluate_source',
-           'test_error_fn', 'run_dataset', 'resolve_device', 'PRECISIONS', 'recalibrator']
+           'test_error_fn', 'run_dataset', 'resolve_device', 'PRECISIONS', 'recalibrator',
+           'auto_precision', 'auto_channels_last']
 
 PRECISIONS = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 

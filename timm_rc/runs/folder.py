@@ -6,7 +6,7 @@ The trainer writes, into its `output_dir`:
     summary.json           results so far (rewritten every epoch): test error, epochs completed, versions, ...
     metrics.jsonl          one JSON line per epoch (train/loss, test/top1_err, lr, ...)
     bn_stats/epoch_N.safetensors   per-step BN statistics of the RC cells
-    checkpoints/epoch_N/   accelerate's save_state + trainer_state.json + manifest.json (`timm_rc.checkpoints`)
+    checkpoints/epoch_N/   accelerate's save_state + trainer_state.json + manifest.json (`timm_rc.runs.checkpoints`)
     model.safetensors + config.json   the final model in timm's format (`save_for_hf`)
     run.lock               held while a trainer writes into the folder
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .checkpoints import complete_checkpoints, latest_checkpoint, usual_mode, writing
 from .config import INIT_KWARGS, TrainConfig, config_defaults, load_config
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['Run', 'walk_runs', 'load_run_config', 'PAPER_RC_MODELS']
 
@@ -168,17 +168,24 @@ class Run:
         raise UserError(f'the run\'s data_dir {data_dir} (relative to where it was trained) does not exist from '
                         f'here ({Path.cwd()}); pass --data_dir DIR')
 
-    def label(self) -> str:
-        """ 'model {kwargs} (run folder)', for plot titles and tables. """
+    def model_spec(self) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """ (timm name, model kwargs) from the run's summary.json or run_config.json; None when neither names one. """
         for read in (self.summary, self.config):
             try:
                 s = read() or {}
             except UserError:
                 continue
             if s.get('model'):
-                kwargs = s.get('model_kwargs') or {}
-                return s['model'] + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '') + f' ({self.path})'
-        return str(self.path)
+                return s['model'], dict(s.get('model_kwargs') or {})
+        return None
+
+    def label(self) -> str:
+        """ 'model {kwargs} (run folder)', for plot titles and tables. """
+        spec = self.model_spec()
+        if spec is None:
+            return str(self.path)
+        model, kwargs = spec
+        return model + (f' {json.dumps(kwargs, sort_keys=True)}' if kwargs else '') + f' ({self.path})'
 
     @property
     def weights(self) -> Path:

@@ -27,10 +27,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .config import INIT_KWARGS, file_settings
-from .errors import UserError
+from ..runs.config import INIT_KWARGS, file_settings
+from ..errors import UserError
 from .formatting import format_table
-from .runs import Run, walk_runs
+from ..runs import Run, walk_runs
 
 __all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table', 'result_rows']
 
@@ -118,7 +118,7 @@ def _run_config(run: dict) -> Optional[dict]:
 
 def _rc_models() -> set:
     import timm
-    from . import models  # noqa: F401, registers the RC models
+    from .. import models  # noqa: F401, registers the RC models
     return set(timm.list_models(module='rc_cifar'))
 
 

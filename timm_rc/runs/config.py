@@ -17,15 +17,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
+from ..models.create import INIT_KWARGS
 
 __all__ = ['TrainConfig', 'UserError', 'INIT_KWARGS', 'load_config', 'paper_epochs', 'config_help', 'wants_help',
            'config_defaults', 'file_settings']
 
 
-# model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
-# left out of a run's config.json and of what identifies its network
-INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir', 'init')
 
 
 MODEL, DATA, OPTIMISATION, DISTILL, SPEED, OUTPUT = (
@@ -322,7 +320,7 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(a in ('-h', '--help') for a in argv)
 
 
-def config_help(prog: str = 'train.py') -> str:
+def config_help(prog: str = 'python train.py') -> str:
     """ Every config key with its type, default and help text, grouped as in `TrainConfig`. """
     hints = typing.get_type_hints(TrainConfig)
     lines = [

@@ -16,14 +16,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .data import load_split, normalize, split_loader
-from .errors import UserError
-from .evaluation import flops_per_image, model_mean_std, recalibrator, run_dataset, test_error_fn
-from .loading import load_spec
-from .create import create_model
-from .quantize import DEFAULT_GROUP_SIZE, config_for_bits, dequantize_state_dict, load_quantized, quantized_file_bytes, \
+from ..data import load_split, normalize, split_loader
+from ..errors import UserError
+from ..evaluation import flops_per_image, model_mean_std, recalibrator, run_dataset, test_error_fn
+from ..runs.source import load_spec
+from ..models.create import create_model
+from ..quantize import DEFAULT_GROUP_SIZE, config_for_bits, dequantize_state_dict, load_quantized, quantized_file_bytes, \
     quantized_name, save_quantized, static_int8, unique_tensors
-from .runs import Run
+from ..runs import Run
 
 __all__ = ['model_size', 'weights_bytes', 'activation_bytes', 'cpu_latency_ms', 'compression_report', 'plain_network',
            'report_models', 'quantize_run', 'int8_run']

@@ -42,13 +42,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import yaml
 
-from . import runs as run_folders
-from .config import load_config
-from .errors import UserError
+from .. import runs as run_folders
+from ..runs.config import load_config
+from ..errors import UserError
 
 __all__ = ['DEFAULT_COMMAND', 'SweepError', 'Run', 'Overview', 'load_sweep', 'grid', 'command_args', 'expand_command',
            'trainer_argv', 'run_state', 'plan', 'run_sweep', 'is_trainer_script', 'TRAINER_MODULES',
-           'cpu_threads_per_run']
+           'cpu_threads_per_run', 'launch']
 
 # wandb 0.31: wandb/sdk/launch/sweeps/utils.py DEFAULT_SWEEP_COMMAND (= wandb/wandb_agent.py
 # Agent.DEFAULT_SWEEP_COMMAND), used when the file has no (or an empty) `command`
@@ -80,7 +80,7 @@ def load_sweep(path) -> Dict[str, Any]:
     method = sweep.get('method')
     if method != 'grid':
         what = f'method {method!r}' if method is not None else 'no method'
-        raise SweepError(f'{path} has {what}: timm_rc.sweep runs only `method: grid` sweeps without a server; '
+        raise SweepError(f'{path} has {what}: python -m timm_rc sweep runs only `method: grid` sweeps without a server; '
                          f'{AGENT_HINT}')
     if not isinstance(sweep.get('parameters'), dict) or not sweep['parameters']:
         raise SweepError(f'{path} has no parameters: a grid sweep needs a `parameters` mapping')
@@ -101,7 +101,7 @@ def _grid_values(name: str, spec: Any) -> Tuple[bool, List[Any]]:
                          f'got {spec!r}')
     keys, dist = set(spec) - {'distribution'}, spec.get('distribution')
     if 'parameters' in spec:
-        raise SweepError(f'parameter {name!r} has nested parameters, which timm_rc.sweep does not expand; '
+        raise SweepError(f'parameter {name!r} has nested parameters, which python -m timm_rc sweep does not expand; '
                          f'{AGENT_HINT}')
     if keys == {'value'} and dist in (None, 'constant'):
         return False, [spec['value']]
@@ -115,7 +115,7 @@ def _grid_values(name: str, spec: Any) -> Tuple[bool, List[Any]]:
             raise SweepError(f'parameter {name!r}: min {spec["min"]} is larger than max {spec["max"]}')
         return True, list(range(spec['min'], spec['max'] + 1))  # W&B's grid takes every integer in [min, max]
     raise SweepError(f'parameter {name!r} ({json.dumps(spec, default=str)}) cannot be expanded into a grid: '
-                     f'timm_rc.sweep takes `values: [...]`, `value: x` or integer `min`/`max`; {AGENT_HINT}')
+                     f'python -m timm_rc sweep takes `values: [...]`, `value: x` or integer `min`/`max`; {AGENT_HINT}')
 
 
 def _yaml_key(value: Any) -> str:
@@ -193,7 +193,7 @@ def expand_command(command: Optional[Sequence[Any]], program: Optional[str], par
         elif name == 'program':
             raise SweepError('the command uses ${program} but the sweep file has no `program`')
         elif name in ('args_json_file', 'args_dict'):
-            raise SweepError(f'the command\'s {item} is not supported by timm_rc.sweep; {AGENT_HINT}')
+            raise SweepError(f'the command\'s {item} is not supported by python -m timm_rc sweep; {AGENT_HINT}')
         else:
             raise SweepError(f'the command has an unknown macro {item} (wandb agent would drop it); known: '
                              f'{", ".join("${" + m + "}" for m in sorted(macros))}, ${{envvar:NAME}}')
@@ -539,25 +539,33 @@ def _without_option(command: List[str], option: str) -> List[str]:
     return out
 
 
-def _start(run: Run, slot: int, gpus: Optional[Sequence[str]], environ: Mapping[str, str], view: Overview,
-           threads: Optional[int] = None):
-    env = dict(environ)
-    where = ''
+def launch(run: Run, slot: int, gpus: Optional[Sequence[str]], threads: Optional[int] = None
+           ) -> Tuple[List[str], Dict[str, str], str]:
+    """ How `run` starts in run slot `slot`: (its command, the environment variables set for it, a note such as
+    ' with 1 CPU thread (its share of the cores)' or ' on GPU 1'). `threads`: `cpu_threads_per_run`'s share, which
+    a trainer run also gets as --num_threads (beating its config file's). The runner and --dry-run both use it. """
+    command, env, where = list(run.command), {}, ''
     if threads is not None:
         where = f' with {threads} CPU thread{"s" * (threads != 1)} (its share of the cores'
         if run.output_dir is not None:  # the trainer: --num_threads on its command line beats its config file's
             if run.num_threads not in (None, threads):
                 where += f'; the run\'s num_threads {run.num_threads} would oversubscribe them'
-            run.command = _without_option(run.command, '--num_threads') + ['--num_threads', str(threads)]
+            command = _without_option(command, '--num_threads') + ['--num_threads', str(threads)]
         env['OMP_NUM_THREADS'] = str(threads)
         where += ')'
     if gpus:
         env['CUDA_VISIBLE_DEVICES'] = gpus[slot % len(gpus)]
         where = f' on GPU {env["CUDA_VISIBLE_DEVICES"]}'
+    return command, env, where
+
+
+def _start(run: Run, slot: int, gpus: Optional[Sequence[str]], environ: Mapping[str, str], view: Overview,
+           threads: Optional[int] = None):
+    run.command, extra, where = launch(run, slot, gpus, threads)
+    env = {**environ, **extra}
     run.log_file.parent.mkdir(parents=True, exist_ok=True)
     log = open(run.log_file, 'a')
-    gpu_note = f'CUDA_VISIBLE_DEVICES={env["CUDA_VISIBLE_DEVICES"]} ' if gpus else ''
-    gpu_note += f'OMP_NUM_THREADS={env["OMP_NUM_THREADS"]} ' if 'OMP_NUM_THREADS' in env and threads else ''
+    gpu_note = ''.join(f'{k}={v} ' for k, v in sorted(extra.items()))
     log.write(f'{LOG_HEADER} start {time.strftime("%Y-%m-%d %H:%M:%S")} ({run.state} run): '
               f'{gpu_note}{shlex.join(run.command)}\n')
     log.flush()

@@ -8,10 +8,13 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
-from .config import INIT_KWARGS
-from .errors import UserError
+from ..errors import UserError
 
-__all__ = ['create_model', 'similar_models']
+__all__ = ['create_model', 'similar_models', 'INIT_KWARGS']
+
+# model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
+# left out of a run's config.json and of what identifies its network
+INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir', 'init')
 
 
 def similar_models(name: str) -> str:
@@ -26,7 +29,7 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
     model rejects, and starting weights (pretrained_cfg_overlay file) that are missing or do not fit are
     `UserError`s naming the problem; `hint` is added to the message for rejected kwargs. """
     import timm
-    from . import models  # noqa: F401  registers the RC models
+    from . import rc_cifar, rc_timm  # noqa: F401  registers the RC models
     kwargs = dict(kwargs or {})
     if not name.startswith('local-dir:') and not timm.is_model(name.split('.')[0]):
         raise UserError(f'unknown model {name!r}; similar names: {similar_models(name)}')

@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .create import create_model
-from .errors import UserError
-from .loading import load_model, source_identity
+from ..models.create import create_model
+from ..errors import UserError
+from ..runs.source import ModelSource
 
 __all__ = ['Teacher', 'load_teacher', 'check_teacher', 'distillation_task', 'weights_digest']
 
@@ -54,17 +54,15 @@ def load_teacher(source: str, model: Optional[str] = None, model_kwargs: Optiona
     kwargs = dict(model_kwargs or {})
     path = Path(source)
     try:
-        if path.exists():
-            net = load_model(path, model, kwargs)
-            name, kwargs = source_identity(path, model, kwargs)
+        if model is not None and not path.exists():
+            raise UserError(f'teacher {source} does not exist; teacher_model names the network of a teacher '
+                            f'weights file, so give that file (or a run folder) as --teacher')
+        src = ModelSource.parse(source, model, kwargs)  # a missing path or a file without its model: said here
+        if src.kind != 'timm':
+            net = src.load()
+            name, kwargs = src.identity()
             name = name or net.pretrained_cfg.get('architecture')
         else:
-            if model is not None:
-                raise UserError(f'teacher {source} does not exist; teacher_model names the network of a teacher '
-                                f'weights file, so give that file (or a run folder) as --teacher')
-            if '/' in source or source.startswith('.') or source.endswith('.safetensors'):
-                raise UserError(f'teacher {source} does not exist; give a run folder, a weights file with '
-                                f'--teacher_model, or a timm model name')
             name = source
             try:
                 net = create_model(source, {'pretrained': True, **kwargs}).eval()

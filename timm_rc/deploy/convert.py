@@ -1,6 +1,6 @@
 """ Convert a saved network (a run folder, a weights file, or a timm model) to RC and write its weights.
 
-`convert_weights` is what `python -m timm_rc convert` does: load the source (`timm_rc.loading`),
+`convert_weights` is what `python -m timm_rc convert` does: load the source (`timm_rc.runs.source`),
 `convert_to_rc` it in place (`init`, `rank`), re-estimate its BN statistics if asked (`recalibrate` N training
 batches, `timm_rc.recalibrate_bn`), and write the converted state_dict as safetensors (each shared tensor once)
 outside the source's run folder, whose files stay as the run wrote them.
@@ -12,14 +12,14 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
-from .checkpoints import usual_mode
-from .config import INIT_KWARGS
-from .conversion import INITS, RCConversion, convert_to_rc
-from .errors import UserError
-from .evaluation import recalibrator, run_dataset, test_error_fn
-from .layers import BN_SHARING
-from .loading import load_model
-from .runs import Run
+from ..runs.checkpoints import usual_mode
+from ..models.create import INIT_KWARGS
+from ..conversion import INITS, RCConversion, convert_to_rc
+from ..errors import UserError
+from ..evaluation import recalibrator, run_dataset, test_error_fn
+from ..layers import BN_SHARING
+from ..runs.source import ModelSource
+from ..runs import Run
 
 __all__ = ['ConvertedWeights', 'convert_weights']
 
@@ -55,9 +55,6 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
     if path.is_dir() and path.resolve() in out.resolve().parents:
         raise UserError(f'--output {out} lies inside the run folder {source}, whose files (checkpoints, weights) '
                         f'must stay as the run wrote them; write the converted model outside it')
-    if not path.exists() and ('/' in source or source.startswith('.') or source.endswith('.safetensors')):
-        raise UserError(f'{source} does not exist; give a run folder, a weights file with --model, or a timm '
-                        f'model name')
     if bn_sharing not in BN_SHARING:
         raise UserError(f'--bn_sharing must be one of {", ".join(BN_SHARING)}; got {bn_sharing!r}')
     if init not in INITS:
@@ -67,15 +64,16 @@ def convert_weights(source: str, output: Union[str, Path], *, model: Optional[st
     if recalibrate is not None and recalibrate < 1:
         raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate}')
     kwargs = dict(model_kwargs or {})
+    src = ModelSource.parse(source, model, kwargs)  # a missing path or a file without its model: said here
     run_kwargs = dict(kwargs)
-    run = Run.find(path) if path.exists() else None
+    run = src.run
     if run is not None and model is None:
         run_kwargs = {**run.model_kwargs(), **run_kwargs}
     if recalibrate is not None and run is None:
         raise UserError(f'--recalibrate reads the training data of the source\'s run; {source} is not a run folder '
                         f'(or a file in one)')
-    untrained = not path.exists() and not kwargs.get('pretrained')
-    net = load_model(path, model, kwargs) if path.exists() else load_model(None, model or source, kwargs)
+    untrained = src.kind == 'timm' and not kwargs.get('pretrained')
+    net = src.load()
     errors = examples = error = None
     if run is not None and measure:
         error, examples = test_error_fn(run, net, data_dir=data_dir)

@@ -1,5 +1,0 @@
-""" `timm_rc.train.checkpoint` of timm_rc 0.2.0: moved to `timm_rc.checkpoints` (every name still reachable here, with a
-DeprecationWarning, until 0.4.0). """
-from .._deprecated import alias
-
-__getattr__ = alias(__name__, ['timm_rc.checkpoints'])
