@@ -172,3 +172,17 @@ def test_library_modules_do_not_print(module):
     calls = [node.lineno for node in ast.walk(ast.parse(MODS[module].read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'print']
     assert calls == [], f'{module} prints at lines {calls}: return, raise UserError or take a callback'
+
+
+def test_no_package_file_is_ignored_by_git():
+    """ .gitignore's run-output patterns once matched timm_rc/runs/ and kept its __init__.py out of git: a clean
+    clone could not import timm_rc. """
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which('git') is None or not (repo / '.git').exists():
+        pytest.skip('not a git checkout')
+    files = [str(p.relative_to(repo)) for p in (repo / 'timm_rc').rglob('*.py')]
+    ignored = subprocess.run(['git', 'check-ignore', '--no-index', *files], cwd=repo, capture_output=True, text=True)
+    assert ignored.stdout == '', ignored.stdout
