@@ -196,6 +196,16 @@ def test_curves_figure_titles_labels_and_integer_epochs(tmp_path):
         assert ticks == [1, 2, 3]
 
 
+def test_tradeoff_figure_labels_rows_with_their_spread(tmp_path):
+    for seed, err in ((0, 20.0), (1, 22.0)):
+        make_run(tmp_path / f'rc4/seed{seed}', err=err, seed=seed, model_kwargs={'width': 8})
+    make_run(tmp_path / 'r18/seed0', err=17.0, model='rc4_unshared_cifar', params=79_538, model_kwargs={'width': 8})
+    fig = plots.tradeoff_figure(results.result_rows(results.collect([tmp_path])))
+    ax = fig.axes[0]
+    assert sorted(ax.get_legend_handles_labels()[1]) == ['1: RC-4 (2 runs): 21.00 ± 1.41 %', '2: ResNet-18: 17.00 %']
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ('unique parameters', 'test top-1 error (%)')
+
+
 def test_plot_curves_writes_a_png(tmp_path):
     a = make_run(tmp_path / 'run')
     write_metrics(a)

@@ -259,7 +259,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     for i, (r, kw, st) in enumerate(zip(rows, kwargs, settings), 1):
         label = ', '.join([r['name'], *kw, *st]) + (f' ({r["runs"]} runs)' if r['runs'] > 1 else '')
         ax.errorbar(r['params'], r['mean'], yerr=r['std'] or 0, marker='o', capsize=3, linestyle='none',
-                    label=f'{i}: {label}: {r["mean"]:.2f} %')
+                    label=f'{i}: {label}: {r["mean"]:.2f}' + (f' ± {r["std"]:.2f}' if r['runs'] > 1 else '') + ' %')
         ax.annotate(str(i), (r['params'], r['mean']), textcoords='offset points', xytext=(5, 3), fontsize=8)
     ax.set(xlabel='unique parameters', ylabel='test top-1 error (%)',
            title='compression trade-off: test error against parameters (mean ± std over seeds)')
