@@ -269,3 +269,15 @@ def test_names_of_0_2_0_still_import_with_one_deprecation_warning(old, name, new
         f'{old}.{name} moved to {new}.{name} (timm_rc 0.3.0); the old name goes in 0.4.0']
     with pytest.raises(AttributeError, match=f"module '{old}' has no attribute 'no_such_name'"):
         getattr(sys.modules[old], 'no_such_name')
+
+
+def test_a_timm_name_is_a_source_as_for_the_other_verbs(tiny, capsys):
+    """ `eval rc1_cifar` evaluates the untrained model, as `--model rc1_cifar` does (the help and the
+    bad-source message offer a timm name; it said 'rc1_cifar does not exist'). """
+    root, out, _ = tiny
+    common = ['--model_kwargs', '{"width": 4}', '--data_dir', str(root / 'data'), '--max_samples', '8']
+    by_name = eval_json(['rc1_cifar', *common], capsys)
+    by_option = eval_json(['--model', 'rc1_cifar', *common], capsys)
+    assert (by_name['model'], by_name['params'], by_name['source']) == ('rc1_cifar', by_option['params'], None)
+    assert exits_2(['rc1_cifar', str(out)], capsys) == \
+        'error: rc1_cifar is a timm name: give it alone, or as --model with a weights file\n'

@@ -92,6 +92,12 @@ def test_int8_onnx_stores_int8_weights_once(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out) == q2 and q2['bytes'] == r['bytes'] and q2['int8_weights'] == r['int8_weights']
     assert err == f"note: {tmp_path / 'model.int8.safetensors'} holds int8 weights; exporting them as int8 (as --int8)\n"
+    save_quantized(model, tmp_path / 'model.int4.safetensors', 4)  # int4: exported dequantized, and said so
+    f4 = main([str(tmp_path / 'model.int4.safetensors'), '--output', str(tmp_path / 'q4.onnx'), '--json'])
+    out, err = capsys.readouterr()
+    assert not f4['int8'] and err == (f"note: {tmp_path / 'model.int4.safetensors'} holds quantized weights; this "
+                                      "export stores them dequantized (float): only an int8 file exported to *.onnx "
+                                      "keeps them quantized\n")
     assert r['int8'] and max(r['max_abs_diff'].values()) < 1e-3 and r['keeps_sharing']
     assert r['bytes'] < 0.4 * f['bytes']
     import onnx

@@ -239,3 +239,15 @@ def test_plots_name_a_bad_epoch_or_output_before_drawing(tmp_path, capsys):
     plots(['curves', str(run), '--out', str(tmp_path / 'curves')])  # no suffix: a PNG
     assert capsys.readouterr().out == f'{tmp_path / "curves.png"}\n'
     assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys):
+    """ Every verb runs through cli.common.run (python -m timm_rc <verb>, timm-rc, python -m timm_rc.cli.<verb>):
+    Ctrl-C there was a KeyboardInterrupt traceback and death by SIGINT. """
+    from timm_rc.cli.common import run as run_command
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_command(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err == '\ninterrupted.\n'

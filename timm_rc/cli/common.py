@@ -87,10 +87,14 @@ def command(main: Optional[Callable] = None, *, returns_code: bool = False) -> C
 
 def run(main: Callable) -> None:
     """ Run a command's main() as `python -m`: an int it returns is the exit code; output piped into a
-    reader that stops early ends quietly instead of with a BrokenPipeError traceback. """
+    reader that stops early ends quietly instead of with a BrokenPipeError traceback; Ctrl-C (outside the
+    trainer, which says how to resume) is one line and exit code 130. """
     try:
         code = main()
         sys.stdout.flush()
+    except KeyboardInterrupt:
+        print('\ninterrupted.', file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit

@@ -115,7 +115,8 @@ def _quantize_text(r: Dict[str, Any]) -> str:
 def _int8_text(r: Dict[str, Any]) -> str:
     how = 'torch.compile (oneDNN int8)' if r['compiled'] else 'not compiled (int8 simulated in fp32)'
     lines = [f'{r["run"]}: static int8 (PT2E, X86InductorQuantizer), {how}, calibrated on {r["calibration_images"]:,} '
-             f'training images, test error on {r["eval_examples"]:,} examples, {r["threads"]} threads']
+             f'training images, test error on {r["eval_examples"]:,} examples, '
+             f'{r["threads"]} thread{"s" * (r["threads"] != 1)}']
     if r['untied_calls']:
         lines.append(f'  weight-shared convolutions: {r["untied_calls"]} calls got their own folded copy; int8 weights '
                      f'{r["int8_weight_elements"]:,} elements against {r["fp32_weight_elements"]:,} shared in fp32')

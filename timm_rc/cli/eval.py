@@ -22,7 +22,10 @@ A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_r
 measures with `timm_rc.evaluation.evaluate`, the trainer's own evaluation).
 """
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
+
+import timm
 
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
@@ -128,6 +131,11 @@ def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
                    data_dir=args.data_dir, split=args.split, batch_size=args.batch_size, max_samples=args.max_samples,
                    device=args.device, mixed_precision=args.mixed_precision)
     options['recalibrate'], options['recalibrate_augment'] = recalibration(args, 'plain')
+    names = [src for src in args.sources if not Path(src).exists() and timm.is_model(src)]
+    if names:  # a timm name, as the other verbs take it: the untrained (or pretrained-by-kwargs) model
+        if args.model is not None or len(args.sources) > 1:
+            raise UserError(f'{names[0]} is a timm name: give it alone, or as --model with a weights file')
+        args.sources, options['model'] = [], names[0]
     if args.steps is None:
         for option in ('bn_policy', 'plot'):
             if getattr(args, option) is not None:

@@ -75,12 +75,17 @@ def main(argv: Sequence[str]) -> dict:
         raise UserError(f'--output {args.output}: {folder} is a file, not a folder; name a file in a folder')
     source = Path(args.source)
     if not args.int8 and source.is_file() and is_quantized(source):
-        if output.suffix.lower() == '.onnx':
+        try:
+            int8_weights(source)
+            is_int8 = True
+        except UserError:  # int4, ...
+            is_int8 = False
+        if is_int8 and output.suffix.lower() == '.onnx':
             args.int8 = True  # the file holds int8 weights: export them as such, not 4x larger dequantized
             print(f'note: {args.source} holds int8 weights; exporting them as int8 (as --int8)', file=sys.stderr)
         else:
-            print(f'note: {args.source} holds int8 weights; a .pt2 stores them dequantized (float); for int8 '
-                  f'weights in the file, export *.onnx', file=sys.stderr)
+            print(f'note: {args.source} holds quantized weights; this export stores them dequantized (float): only '
+                  f'an int8 file exported to *.onnx keeps them quantized', file=sys.stderr)
     quantized = None
     if args.int8:
         int8_path = _int8_file(args.source)
