@@ -251,3 +251,18 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys):
     with pytest.raises(SystemExit) as e:
         run_command(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err == '\ninterrupted.\n'
+
+
+def test_a_folder_given_for_a_config_or_sweep_file_is_named_as_one(tmp_path, capsys):
+    from timm_rc.cli.sweep import main as sweep
+    from timm_rc.runs.config import load_config
+    from timm_rc.errors import UserError
+    (tmp_path / 'b.yaml').write_text('{}')
+    (tmp_path / 'a.yaml').write_text('{}')
+    with pytest.raises(UserError) as e:
+        load_config(['--config', str(tmp_path)])
+    assert str(e.value) == f'--config {tmp_path} is a folder; give a config file, e.g. {tmp_path / "a.yaml"} ' \
+                           '(it holds a.yaml, b.yaml)'
+    assert sweep([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f'error: {tmp_path} is a folder; give a sweep file, e.g. ' \
+                                      f'{tmp_path / "a.yaml"} (it holds a.yaml, b.yaml)\n'

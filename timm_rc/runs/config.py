@@ -357,6 +357,11 @@ def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None,
     path = cli.pop('config', None)
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            files = sorted(f.name for f in p.glob('*.yaml'))[:6]
+            raise UserError(f'--config {path} is a folder; give a config file' + (
+                f', e.g. {p / files[0]} (it holds {", ".join(files)}{", ..." if len(files) == 6 else ""})'
+                if files else ''))
         if not p.is_file():
             raise UserError(f'config file {path} does not exist')
         try:

@@ -69,6 +69,11 @@ class SweepError(UserError):
 def load_sweep(path) -> Dict[str, Any]:
     """ Read a W&B sweep file and check what this runner needs (a `grid` over values it can list). """
     p = Path(path)
+    if p.is_dir():
+        files = sorted(f.name for f in p.glob('*.yaml'))[:6]
+        raise SweepError(f'{path} is a folder; give a sweep file' + (
+            f', e.g. {p / files[0]} (it holds {", ".join(files)}{", ..." if len(files) == 6 else ""})'
+            if files else ''))
     if not p.is_file():
         raise SweepError(f'sweep file {path} does not exist')
     try:
