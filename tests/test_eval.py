@@ -166,13 +166,16 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     moved = shutil.copytree(out, tmp_path / 'moved' / 'elsewhere')
     c100 = make_parquet(tmp_path / 'c100', n_train=4, n_test=4, num_classes=100)
     cases = [
-        ([str(tmp_path / 'nope')], 'nope does not exist; give a run folder (holding model.safetensors) or a weights'),
+        ([str(tmp_path / 'nope')], 'nope does not exist; give a run folder (holding model.safetensors), a weights file '
+                                   'or a timm name (e.g. rc4_cifar)\n'),
+        (['rc5_cifr'], 'rc5_cifr is neither a file or folder here nor a registered timm name; similar names: '
+                       'rc4_cifar, rc2_cifar, rc1_cifar\n'),
         ([str(tmp_path)], 'holds no model.safetensors; give a run folder written by the trainer'),
         ([str(unfinished)], 'the run is not finished: its newest checkpoint is '
                             f'{unfinished}/checkpoints/epoch_0001/model.safetensors'),
         ([], 'nothing to evaluate: give a run folder or a weights file, or --model NAME'),
         ([stray], 'is a weights file outside a run folder: name its model with --model'),
-        (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names: rc1_cifar"),
+        (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names: rc4_cifar, rc2_cifar, rc1_cifar\n"),
         ([weights, '--model', 'rc4_cifar'], 'do not fit rc4_cifar: size mismatch for conv1.weight'),
         ([str(out), '--model_kwargs', '{"num_classes": 100}'],
          'do not fit the model of ' + str(out / 'config.json') + ' with model_kwargs {"num_classes": 100}: '
@@ -279,5 +282,8 @@ def test_a_timm_name_is_a_source_as_for_the_other_verbs(tiny, capsys):
     by_name = eval_json(['rc1_cifar', *common], capsys)
     by_option = eval_json(['--model', 'rc1_cifar', *common], capsys)
     assert (by_name['model'], by_name['params'], by_name['source']) == ('rc1_cifar', by_option['params'], None)
-    assert exits_2(['rc1_cifar', str(out)], capsys) == \
-        'error: rc1_cifar is a timm name: give it alone, or as --model with a weights file\n'
+    assert exits_2(['rc1_cifar', '--model', 'rc2_cifar'], capsys) == \
+        'error: rc1_cifar is a timm name and --model names another (rc2_cifar); --model is for a weights file\n'
+    # the library routine takes the name too, as every verb does (it refused a name that was not a path)
+    assert load_model('rc1_cifar', model_kwargs={'width': 4}).num_classes == 10
+    assert type(load_model('rc1_cifar', model_kwargs={'width': 4})) is type(load_model(None, 'rc1_cifar'))

@@ -128,7 +128,7 @@ def test_bad_export_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert exits_2(main, ['rc4_cifar', '--output', str(tmp_path / 'afile' / 'sub' / 'x.onnx')], capsys) == \
         f'error: --output {tmp_path / "afile" / "sub" / "x.onnx"}: {tmp_path / "afile"} is a file, not a folder; ' \
         'name a file in a folder\n'
-    assert "unknown model 'rc9_cifar'; similar names: " in exits_2(main, ['rc9_cifar', '--output', str(tmp_path / 'x.onnx')], capsys)
+    assert 'rc9_cifar is neither a file or folder here nor a registered timm name; similar names: rc4_cifar, ' in exits_2(main, ['rc9_cifar', '--output', str(tmp_path / 'x.onnx')], capsys)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnxscript' else real(name, *a))
     assert exits_2(main, ['rc4_cifar', '--output', str(tmp_path / 'x.onnx')], capsys) == \

@@ -18,14 +18,11 @@ command prints the test error and the FLOPs per image of each (one multiply-add 
 object per run, whose 'steps' holds a row per k': {steps, top1_error, top5_error, loss, examples,
 flops_per_image}.
 
-A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_rc.runs.source.load_model` and
+A thin layer over `timm_rc.evaluation.evaluate_source` (which loads with `timm_rc.runs.ModelSource` and
 measures with `timm_rc.evaluation.evaluate`, the trainer's own evaluation).
 """
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
-
-import timm
 
 from ..errors import UserError
 from ..evaluation import PRECISIONS, evaluate_source
@@ -38,9 +35,9 @@ __all__ = ['main']
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog='python -m timm_rc eval', description=__doc__.split('\n\n')[0].split(': ', 1)[1])
-    p.add_argument('sources', nargs='*', metavar='RUN_OR_WEIGHTS',
-                   help='a run folder (model.safetensors + config.json), or a weights file; none: --model untrained; '
-                        'several with --steps')
+    p.add_argument('sources', nargs='*', metavar='SOURCE',
+                   help='a run folder (model.safetensors + config.json), a weights file or a timm name (untrained); '
+                        'none: --model untrained; several with --steps')
     p.add_argument('--model', help='timm name (e.g. rc4_cifar, rc4_cifar.cifar100); default: the run\'s')
     p.add_argument('--model_kwargs', help='JSON object passed to timm.create_model, e.g. \'{"width": 16}\'')
     p.add_argument('--dataset', help='cifar10, cifar100 or a hub id; default: the run\'s, else cifar10')
@@ -120,7 +117,7 @@ def _steps_table(r: Dict[str, Any]) -> str:
 
 @command
 def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
-    """ `python -m timm_rc eval RUN_OR_WEIGHTS [...]`: prints a table, or one JSON object with --json;
+    """ `python -m timm_rc eval SOURCE [...]`: prints a table, or one JSON object with --json;
     with --steps, a table per run, or a JSON list of one object per run (its per-k' rows under 'steps').
     Bad input: one line on stderr and exit code 2. Returns the report(s) (for callers in Python). """
     import datasets
@@ -131,11 +128,6 @@ def main(argv: Sequence[str]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
                    data_dir=args.data_dir, split=args.split, batch_size=args.batch_size, max_samples=args.max_samples,
                    device=args.device, mixed_precision=args.mixed_precision)
     options['recalibrate'], options['recalibrate_augment'] = recalibration(args, 'plain')
-    names = [src for src in args.sources if not Path(src).exists() and timm.is_model(src)]
-    if names:  # a timm name, as the other verbs take it: the untrained (or pretrained-by-kwargs) model
-        if args.model is not None or len(args.sources) > 1:
-            raise UserError(f'{names[0]} is a timm name: give it alone, or as --model with a weights file')
-        args.sources, options['model'] = [], names[0]
     if args.steps is None:
         for option in ('bn_policy', 'plot'):
             if getattr(args, option) is not None:

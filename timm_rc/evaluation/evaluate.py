@@ -21,8 +21,7 @@ from torch import nn
 from ..data import load_split, normalize, split_loader
 from ..errors import UserError
 from ..layers import BN_POLICIES
-from ..runs.source import load_model, source_identity
-from ..quantize import is_quantized
+from ..runs.source import ModelSource
 from .recalibration import DEFAULT_RECALIBRATION_BATCH, recalibrate_from_split
 from ..runs import Run
 
@@ -267,7 +266,7 @@ def evaluate_source(
         recalibrate_augment: bool = False,
 ) -> Dict[str, Any]:
     """ What `python -m timm_rc eval` reports for one source (a run folder, a weights file, a quantized
-    file, or None with `model` for an untrained one): `load_model`, then `evaluate` on the run's own test
+    file, a timm name, or None with `model` for an untrained one): `ModelSource.parse(...).load()`, then `evaluate` on the run's own test
     examples with the run's batch size, precision and memory format (each overridable), as a dict of
     plain values (`EvalResult.to_dict()` plus what was evaluated, and `run_test_top1_error`, the run
     summary's test error, where the same examples were evaluated). With `steps`, `evaluate_over_steps`
@@ -282,15 +281,17 @@ def evaluate_source(
     if mixed_precision is not None and mixed_precision not in PRECISIONS:
         raise UserError(f'mixed_precision must be one of {", ".join(PRECISIONS)}; got {mixed_precision!r}')
     dev = resolve_device(device)
-    run = Run.find(source) if source is not None and Path(source).exists() else None
+    src = ModelSource.parse(source, model, model_kwargs)
+    run = src.run
     cfg = run.config() if run is not None else {}
-    net = load_model(source, model, model_kwargs)
+    net = src.load()
+    what = src.model if src.kind == 'timm' else source
     if steps is not None:
         if not callable(getattr(net, 'set_steps', None)):
-            raise UserError(f'{source or model} is a {type(net).__name__}, which cannot change its number of '
+            raise UserError(f'{what} is a {type(net).__name__}, which cannot change its number of '
                             f'steps: --steps needs an RC network (e.g. rc4_cifar)')
         if not net.share_weights and max(steps) > net.steps:
-            raise UserError(f'{source or model} has unshared weights for {net.steps} step{"s" * (net.steps != 1)} per cell and cannot run '
+            raise UserError(f'{what} has unshared weights for {net.steps} step{"s" * (net.steps != 1)} per cell and cannot run '
                             f'{max(steps)}: --steps up to {net.steps}')
     if recalibrate is not None and (isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 1):
         raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate!r}')
@@ -314,13 +315,13 @@ def evaluate_source(
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     loader = split_loader(data, batch_size, dev)
-    name, kwargs = source_identity(source, model, model_kwargs)
+    name, kwargs = src.identity()
     report = dict(
-        source=None if source is None else str(source),
+        source=None if src.path is None else str(source),
         model=name or net.pretrained_cfg.get('architecture'), model_kwargs=kwargs,
         params=sum(p.numel() for p in net.parameters()), dataset=dataset, data_dir=data_dir,
         split=getattr(data, 'split_name', split), batch_size=batch_size, device=str(dev), mixed_precision=precision,
-        channels_last=channels_last, quantized=source is not None and is_quantized(source))
+        channels_last=channels_last, quantized=src.kind == 'quantized')
     common = dict(mean=mean, std=std, channels_last=channels_last, num_classes=num_classes, device=dev,
                   autocast_dtype=PRECISIONS[precision])
     recal = None

@@ -10,18 +10,30 @@ from torch import nn
 
 from ..errors import UserError
 
-__all__ = ['create_model', 'similar_models', 'INIT_KWARGS']
+__all__ = ['create_model', 'is_registered', 'similar_models', 'INIT_KWARGS']
 
 # model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
 # left out of a run's config.json and of what identifies its network
 INIT_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir', 'init')
 
 
-def similar_models(name: str) -> str:
-    """ Up to ten registered names that look like `name` (the RC models where none does). """
+def is_registered(name: str) -> bool:
+    """ Whether `name` (with or without a `.tag`) is a registered timm model, timm_rc's included. """
     import timm
-    close = timm.list_models(f'*{name.split("_")[0]}*')[:10] or timm.list_models('rc*_cifar')
-    return ', '.join(close)
+    from . import rc_cifar, rc_timm  # noqa: F401  registers the RC models
+    return timm.is_model(name.split('.')[0])
+
+
+def similar_models(name: str) -> str:
+    """ Up to ten registered names that look like `name`: the closest spellings (a typo such as resnt18 finds
+    resnet18), then names holding its first word; the RC models where none does. """
+    import difflib
+    import timm
+    from . import rc_cifar, rc_timm  # noqa: F401  registers the RC models
+    base = name.split('.')[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.75)
+    close += [m for m in timm.list_models(f'*{base.split("_")[0]}*') if m not in close]
+    return ', '.join(close[:10] or timm.list_models('rc*_cifar'))
 
 
 def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str = '') -> nn.Module:
@@ -29,9 +41,8 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
     model rejects, and starting weights (pretrained_cfg_overlay file) that are missing or do not fit are
     `UserError`s naming the problem; `hint` is added to the message for rejected kwargs. """
     import timm
-    from . import rc_cifar, rc_timm  # noqa: F401  registers the RC models
     kwargs = dict(kwargs or {})
-    if not name.startswith('local-dir:') and not timm.is_model(name.split('.')[0]):
+    if not name.startswith('local-dir:') and not is_registered(name):
         raise UserError(f'unknown model {name!r}; similar names: {similar_models(name)}')
     overlay = kwargs.get('pretrained_cfg_overlay')
     file = overlay.get('file') if isinstance(overlay, dict) else None

@@ -8,7 +8,8 @@ it. `load_model` and `load_source` are the one-call forms:
     load_model('runs/rc4/seed0/checkpoints/epoch_0010/model.safetensors')  # a checkpoint of a run
     load_model('weights.safetensors', 'rc4_cifar', {'width': 16})  # a weights file and its model
     load_model('runs/rc4/seed0/model.int8.safetensors')            # a quantized file names its model
-    load_model(None, 'rc4_cifar')                                  # untrained
+    load_model('rc4_cifar', model_kwargs={'width': 16})            # a timm name: untrained
+    load_model(None, 'rc4_cifar')                                  # the same
 
 Weights load strictly through timm (`timm.models.load_checkpoint`), so weights that do not fit are an
 error naming the first mismatch, never a silently re-initialised classifier.
@@ -21,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import nn
 
 from .. import quantize
-from ..models.create import create_model
+from ..models.create import create_model, is_registered, similar_models
 from ..errors import UserError
 from .folder import Run
 
@@ -104,9 +105,13 @@ class ModelSource:
             return cls('timm', None, model, kwargs)
         path = Path(source)
         if not path.exists():
-            if '/' in str(source) or str(source).startswith('.') or path.suffix in WEIGHTS_SUFFIXES:
+            looks_like_path = '/' in str(source) or str(source).startswith('.') or path.suffix in WEIGHTS_SUFFIXES
+            if looks_like_path:
                 raise UserError(f'{source} does not exist; give a run folder (holding {Run.WEIGHTS}), a weights file '
                                 f'or a timm name (e.g. rc4_cifar)')
+            if not is_registered(str(source)):
+                raise UserError(f'{source} is neither a file or folder here nor a registered timm name; similar names: '
+                                f'{similar_models(str(source))}')
             if model is not None and model != str(source):
                 raise UserError(f'{source} is a timm name and --model names another ({model}); --model is for a '
                                 f'weights file')
@@ -185,10 +190,9 @@ def load_model(
         model: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> nn.Module:
-    """ The model `source` (a path) holds, or the timm model `model` where `source` is None
-    (`ModelSource.parse(...).load()`; a `source` that does not exist is an error, never a timm name). """
-    if source is not None and not Path(source).exists():
-        raise UserError(f'{source} does not exist; give a run folder (holding {Run.WEIGHTS}) or a weights file')
+    """ The model `source` names (a run folder, a weights file, a quantized file or a registered timm name),
+    or the timm model `model` where `source` is None: `ModelSource.parse(...).load()`, on the CPU in eval mode.
+    A `source` that is neither an existing path nor a registered name is a `UserError`. """
     return ModelSource.parse(source, model, model_kwargs).load()
 
 
@@ -214,8 +218,4 @@ def load_spec(spec: str, model_kwargs: Optional[Dict[str, Any]] = None
     return net, run, name, run.model_kwargs() if run is not None else {}
 
 
-def load_source(source: Union[str, Path], model: Optional[str] = None,
-                model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """ The model a command's SOURCE names: a run folder, a weights file (with `model` where it lies outside
-    a run), a quantized file, or a timm name (`ModelSource.parse(...).load()`). """
-    return ModelSource.parse(source, model, model_kwargs).load()
+load_source = load_model  # the name commands used before load_model took every source form
