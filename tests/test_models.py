@@ -83,6 +83,28 @@ def test_unknown_model_kwarg_is_a_type_error():
         timm.create_model('rc4_cifar', not_a_model_arg=1)
 
 
+@pytest.mark.parametrize('name,kwargs,mean', [
+    ('rc4_cifar', {'widht': 8}, 'width'),
+    ('rc4_cifar.cifar100', {'bn_shraing': 'none'}, 'bn_sharing'),
+    ('rc_resnet18', {'stpes': 2}, 'steps'),       # an RC option of the wrapper, not of timm's ResNet
+    ('resnet18', {'nmu_classes': 3}, 'num_classes'),
+])
+def test_a_misspelled_model_kwarg_names_the_valid_keys(name, kwargs, mean):
+    """ The message named the bad key only; it now gives the closest valid key and all of them (the model
+    class's and the entrypoint's: timm_rc's RC options for an rc_* wrapper of a timm family). """
+    from timm_rc.errors import UserError
+    from timm_rc.models.create import create_model, model_kwarg_names
+    (bad,) = kwargs
+    with pytest.raises(UserError) as e:
+        create_model(name, kwargs)
+    text = str(e.value)
+    assert f"got an unexpected keyword argument '{bad}'; did you mean '{mean}'? valid keys: " in text
+    valid = text.split('valid keys: ')[1].split(', ')
+    assert mean in valid and bad not in valid and valid == sorted(valid)
+    if name.startswith('rc_'):
+        assert {'bn_sharing', 'steps', 'rank', 'init', 'layers'} <= set(model_kwarg_names(name, 'ResNet'))
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     model = timm.create_model(name, width=WIDTH, num_classes=7, drop_rate=0.1).train()

@@ -4,13 +4,13 @@ The trainer, every command and the loaders of weights files call `create_model`,
 gets the same "similar names" line everywhere and a kwarg the model rejects is one line, not a traceback.
 """
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from ..errors import UserError
 
-__all__ = ['create_model', 'is_registered', 'similar_models', 'INIT_KWARGS']
+__all__ = ['create_model', 'is_registered', 'similar_models', 'model_kwarg_names', 'INIT_KWARGS']
 
 # model_kwargs that say where a model's starting weights come from (timm.create_model's), not what the model is:
 # left out of a run's config.json and of what identifies its network
@@ -52,7 +52,9 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
     shown = name.removeprefix('local-dir:')
     try:
         return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
+    except TypeError as e:
+        raise UserError(f'cannot build {shown} with model_kwargs {kwargs}: {e}{_valid_keys(name, str(e))}{hint}') from None
+    except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f'cannot build {shown} with model_kwargs {kwargs}: {e}{hint}') from None
     except (RuntimeError, OSError) as e:
         if not kwargs.get('pretrained'):
@@ -64,3 +66,44 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
         arch = {k: v for k, v in kwargs.items() if k not in INIT_KWARGS}
         raise UserError(f'the starting weights {file or "(pretrained)"} do not fit {shown} with model_kwargs {arch}: '
                         f'{detail[:300]}; give the model and kwargs they were written for') from None
+
+
+def model_kwarg_names(name: str, cls_name: Optional[str] = None) -> List[str]:
+    """ The keyword arguments the timm model `name` takes by name: its entrypoint's (timm_rc's RC options
+    among them) and its model class's (`cls_name`, else the class the entrypoint's module defines under
+    the name the error gave); empty where they cannot be found. """
+    import inspect
+    import sys
+    import timm.models
+    fn = timm.models.model_entrypoint(name.split('.')[0])
+    sources = [fn]
+    if cls_name:
+        mods = [sys.modules.get(fn.__module__)] + [m for k, m in list(sys.modules.items())
+                                                   if k.startswith(('timm.models.', 'timm_rc.models.'))]
+        cls = next((getattr(m, cls_name) for m in mods if inspect.isclass(getattr(m, cls_name, None))), None)
+        if cls is not None:
+            sources.append(cls.__init__)
+    names = []
+    for f in sources:
+        try:
+            params = inspect.signature(f).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in ('self', 'pretrained') and p.name not in names]
+    return names
+
+
+def _valid_keys(name: str, error: str) -> str:
+    """ For "X.__init__() got an unexpected keyword argument 'k'": the closest valid key and the valid ones. """
+    import difflib
+    import re
+    m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", error)
+    if m is None or name.startswith('local-dir:'):
+        return ''
+    names = model_kwarg_names(name, m.group(1))
+    if not names:
+        return ''
+    close = difflib.get_close_matches(m.group(2), names, n=1)
+    mean = f"; did you mean '{close[0]}'?" if close else ''
+    return f'{mean} valid keys: {", ".join(sorted(names))}'

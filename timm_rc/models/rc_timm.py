@@ -10,6 +10,7 @@ The pretrained configs (tags, mean, std, input size, hub ids) are the base
 model's: `pretrained=True` loads the base model's weights first and then converts, so step i of a run starts
 from block i's BN statistics and the run's first block's weights. `model.rc_conversion` says what was shared.
 """
+import inspect
 import os
 import sys
 from typing import Any, Dict, Optional
@@ -97,6 +98,8 @@ def _entrypoint(base: str):
         return _create_rc(base, pretrained, **kwargs)
     fn.__name__ = fn.__qualname__ = f'rc_{base}'
     fn.__module__ = __name__
+    sig = inspect.signature(_create_rc)  # the RC options by name, for help and for messages about a misspelled one
+    fn.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != 'base'])
     fn.__doc__ = (f'timm\'s {base} as an RC network (timm_rc.convert_to_rc): each run of identical blocks shares '
                   f'the first block\'s weights, every step keeping its own BN layers.')
     return fn
