@@ -26,7 +26,7 @@ complete() {  # whether a run folder holds a finished run (a partial one is resu
 keep() {  # a run's small files into benchmarks/results
   mkdir -p "$OUT/$1"; cp "$WORK/$1"/{summary.json,run_config.json,metrics.jsonl} "$OUT/$1/"; }
 int8() {  # run folder, name of the JSON written
-  [ -f "$OUT/$2" ] || python3 -m timm_rc compress quantize "$1" --bits 8 --json "${COMMON[@]}" > "$OUT/$2"; }
+  [ -f "$OUT/$2" ] || python3 -m timm_rc compress quantize "$1" --bits 8 --overwrite --json "${COMMON[@]}" > "$OUT/$2"; }
 distilled() {  # rank ('' for none): convert, re-estimate BN, distill 10 epochs, int8
   local TAG=rc4_average${1:+_rank$1}_recal50 FILE R
   FILE=$WORK/converted/$TAG.safetensors

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import timm_rc  # noqa: F401
@@ -236,6 +237,17 @@ def test_quantize_a_run_writes_beside_its_weights_and_touches_nothing(tiny, caps
         eval_main([str(written)])
         assert "of the fp32 model; this file's weights are quantized, so a difference is expected" in \
             capsys.readouterr().out
+        # a second quantize keeps the first file (it may hold other options' weights) unless told to replace it
+        kept = digests(out)
+        assert exits_2(['quantize', str(out), '--bits', '8'], capsys) == \
+            f'error: {written} exists (written by an earlier quantize, perhaps with other options); pass ' \
+            f'--overwrite to replace it, or move it away first\n'
+        assert digests(out) == kept
+        first = load_file(str(written))
+        again = call(['quantize', str(out), '--bits', '8', '--overwrite', '--data_dir', str(root / 'data')], capsys)
+        assert again['quantized_top1_error'] == r['quantized_top1_error']
+        second = load_file(str(written))  # the same tensors (safetensors orders its metadata anew each write)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     finally:
         written.unlink(missing_ok=True)
 

@@ -257,7 +257,10 @@ def test_quantize_with_recalibration_writes_the_new_statistics_and_keeps_the_fp3
     from timm_rc.quantize import load_quantized
     _, teacher = teacher_run
     plain = quantize_run(str(teacher), 8)
-    recal = quantize_run(str(teacher), 8, recalibrate=2)
+    with pytest.raises(UserError, match='model.int8.safetensors exists .written by an earlier quantize, perhaps with '
+                                        'other options.; pass --overwrite to replace it, or move it away first'):
+        quantize_run(str(teacher), 8, recalibrate=2)
+    recal = quantize_run(str(teacher), 8, recalibrate=2, overwrite=True)
     assert recal['fp32_top1_error'] == plain['fp32_top1_error']  # the run's own model, untouched
     assert recal['quantized_top1_error_before'] == plain['quantized_top1_error']
     assert recal['recalibration'] == {'batches': 2, 'batch_size': 16, 'augmented': True}  # measured the better

@@ -57,6 +57,8 @@ def _parser() -> ArgumentParser:
     q.add_argument('run', metavar='RUN', help='a run folder holding model.safetensors')
     q.add_argument('--bits', type=int, required=True, help='8 (per output channel) or 4 (grouped)')
     q.add_argument('--group_size', type=int, default=DEFAULT_GROUP_SIZE, help='int4 group size (default 32)')
+    q.add_argument('--overwrite', action='store_true', help='replace the model.int{8,4}.safetensors an earlier '
+                                                             'quantize wrote (kept otherwise: an error)')
     add_recalibrate_options(q, 'augmented', 'for the quantized weights, written into the file')
     data_options(q)
 
@@ -161,7 +163,7 @@ def main(argv: Sequence[str]):
     elif args.command == 'quantize':
         recalibrate, augmented = recalibration(args, 'augmented')
         result = quantize_run(args.run, args.bits, group_size=args.group_size, recalibrate=recalibrate,
-                              recalibrate_augment=augmented, **data)
+                              recalibrate_augment=augmented, overwrite=args.overwrite, **data)
         text = json.dumps(result) if args.json else _quantize_text(result)
     else:
         result = int8_run(args.run, calibration_batches=args.calibration_batches, batch_size=args.batch_size,

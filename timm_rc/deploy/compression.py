@@ -170,9 +170,11 @@ def _need_run_folder(run: str, command: str) -> None:
 
 def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZE, dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, max_samples: Optional[int] = None,
-                 recalibrate: Optional[int] = None, recalibrate_augment: bool = True) -> Dict[str, Any]:
+                 recalibrate: Optional[int] = None, recalibrate_augment: bool = True,
+                 overwrite: bool = False) -> Dict[str, Any]:
     """ Write RUN/model.int{bits}.safetensors (never touching model.safetensors) and measure both: file
-    bytes and, where there is test data, the fp32 and quantized test error. `recalibrate` N: re-estimate the
+    bytes and, where there is test data, the fp32 and quantized test error. A file written before is kept (a
+    `UserError` naming it) unless `overwrite`. `recalibrate` N: re-estimate the
     BN statistics of the quantized network from N training batches (`timm_rc.recalibrate_bn`; augmented by
     default, the better measured, docs/compression.md) and write those into the file (the BN buffers stay fp32);
     the result then also holds the error before it. """
@@ -184,8 +186,12 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
     if recalibrate is not None and recalibrate < 1:
         raise UserError(f'--recalibrate takes a number of training batches >= 1, got {recalibrate}')
     _need_run_folder(run_dir, 'quantize')
-    net, run, name, kwargs = load_spec(run_dir)
     folder = Path(run_dir)
+    out = folder / quantized_name(config)
+    if out.exists() and not overwrite:
+        raise UserError(f'{out} exists (written by an earlier quantize, perhaps with other options); '
+                        f'pass --overwrite to replace it, or move it away first')
+    net, run, name, kwargs = load_spec(run_dir)
     recal = None
     if recalibrate is not None:
         ds, dd = run_dataset(run, dataset, data_dir)
@@ -194,7 +200,6 @@ def quantize_run(run_dir: str, bits: int, *, group_size: int = DEFAULT_GROUP_SIZ
     evaluate_fn = None
     if run is not None or data_dir or dataset:
         evaluate_fn, examples = test_error_fn(run, net, dataset, data_dir, max_samples)
-    out = folder / quantized_name(config)
     before = None
     if recal is not None:  # the quantized weights' own BN statistics, written into the file beside them
         _, tensors, shapes = quantized_file_bytes(net, config)
