@@ -199,6 +199,19 @@ def test_the_front_door_lists_every_command_and_dispatches():
     assert e.value.code == 2
 
 
+def test_version_names_the_package_and_what_it_runs_on(capsys):
+    import accelerate
+    import timm
+    import timm_rc
+    from timm_rc.__main__ import main
+    assert main(['--version']) == 0
+    out = capsys.readouterr().out
+    torch_field = out.split('(torch ')[1].split(',')[0]  # the wheel's version: its build tag (+cu130) may differ
+    assert out == (f'timm_rc {timm_rc.__version__} (torch {torch_field}, timm {timm.__version__}, '
+                   f'accelerate {accelerate.__version__})\n')
+    assert torch_field.split('+')[0] == torch.__version__.split('+')[0]
+
+
 @pytest.mark.parametrize('argv,message', [
     (['export', 'rc4_cifar', '--ouput', 'x.onnx'],  # --output is required: argparse named that, not the typo
      'unknown option --ouput; did you mean --output? (see python -m timm_rc export --help)'),

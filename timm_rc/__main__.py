@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ['COMMANDS', 'main', 'run']
+__all__ = ['COMMANDS', 'main', 'run', 'version']
 
 # command: (module, one line for --help)
 COMMANDS = {
@@ -29,8 +29,24 @@ def _usage() -> str:
     lines = ['usage: python -m timm_rc <command> [options]   (or: timm-rc <command> [options])', '',
              'commands:']
     lines += [f'  {name:<{width}}  {text}' for name, (_, text) in COMMANDS.items()]
-    lines += ['', 'python -m timm_rc <command> --help describes one.']
+    lines += ['', 'python -m timm_rc <command> --help describes one; --version prints the versions in use.']
     return '\n'.join(lines)
+
+
+def version() -> str:
+    """ 'timm_rc X (torch Y, timm Z, accelerate W)', from the installed packages' metadata (no torch import). """
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return 'not installed'
+    try:
+        own = installed('timm_rc')
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        from . import __version__ as own
+    return f'timm_rc {own} (torch {of("torch")}, timm {of("timm")}, accelerate {of("accelerate")})'
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -42,6 +58,9 @@ def main(argv: Optional[Sequence[str]] = None):
         return 2
     if argv[0] in ('-h', '--help', 'help'):
         print(_usage())
+        return 0
+    if argv[0] in ('-V', '--version'):
+        print(version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
