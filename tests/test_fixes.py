@@ -100,6 +100,19 @@ def test_results_and_plots_name_a_missing_folder(tmp_path, capsys):
     assert exits_2(plots, ['curves', str(missing)], capsys) == f'error: {missing} does not exist\n'
     assert exits_2(plots, ['tradeoff', str(missing), '--out', str(tmp_path / 'f.png')], capsys) == \
         f'error: {missing} does not exist\n'
+    # a file where a run folder belongs is named as such (it was "no run summary below" and, for plots, a
+    # complaint about the output folder)
+    file = tmp_path / 'summary.json'
+    file.write_text('{}')
+    as_run = f'error: {file} is a file, not a run folder; give the folder the trainer wrote (it holds metrics.jsonl ' \
+             f'and bn_stats/)\n'
+    assert exits_2(plots, ['bn', str(file)], capsys) == as_run
+    assert exits_2(plots, ['curves', str(tmp_path), str(file)], capsys) == as_run
+    as_root = f'error: {file} is a file, not a folder; give run folders (holding summary.json) or folders below ' \
+              f'which they lie\n'
+    assert exits_2(results, [str(file)], capsys) == as_root
+    assert exits_2(plots, ['tradeoff', str(file), '--out', str(tmp_path / 'f.png')], capsys) == as_root
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['summary.json']  # nothing written
 
 
 def test_results_after_skipping_a_broken_summary_says_so(tmp_path, capsys):

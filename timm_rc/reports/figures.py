@@ -122,9 +122,16 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in parts)
 
 
+def _not_a_file(run_dir: Path) -> None:
+    if Path(run_dir).is_file():
+        raise UserError(f'{run_dir} is a file, not a run folder; give the folder the trainer wrote (it holds '
+                        f'metrics.jsonl and bn_stats/)')
+
+
 def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = None) -> List[Path]:
     """ One PNG per (cell, BN layer) in `out` (default RUN_DIR/plots); see `bn_figures`. """
     plt = _pyplot()
+    _not_a_file(run_dir)
     out = Path(out or Path(run_dir) / 'plots')
     _writable_folder(out)
     figures = bn_figures(run_dir, epoch)
@@ -200,6 +207,8 @@ def _save(fig, out: Path, **savefig_kwargs) -> Path:
 
 def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
     """ Figure 2 as a PNG at `out` (see `image_path`); see `curves_figure`. """
+    for run_dir in run_dirs:
+        _not_a_file(run_dir)
     out = image_path(out)
     return _save(curves_figure(run_dirs), out)
 

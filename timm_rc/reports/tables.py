@@ -94,6 +94,10 @@ def collect(roots: Sequence[Path], on_skip: Optional[Callable[[str], None]] = No
     missing = [str(r) for r in roots if not Path(r).exists()]
     if missing:
         raise UserError(f'{", ".join(missing)} do{"es" * (len(missing) == 1)} not exist')
+    files = [str(r) for r in roots if Path(r).is_file()]
+    if files:
+        raise UserError(f'{files[0]} is a file, not a folder; give run folders (holding summary.json) or folders '
+                        f'below which they lie')
     runs = []
     for run, summary in walk_runs(roots, on_skip):
         entry = dict(summary, path=str(run.path))
