@@ -154,6 +154,14 @@ def test_dry_run_shows_each_runs_thread_share_or_gpu(monkeypatch, capsys):
     assert lines[1] == '# 2 at once; run slot i gets GPU gpus[i % 2] as the slots free up'
     assert [line.split(' ')[0] for line in lines[2:5]] == ['CUDA_VISIBLE_DEVICES=0', 'CUDA_VISIBLE_DEVICES=1',
                                                            'CUDA_VISIBLE_DEVICES=0']
+    # ids are what CUDA_VISIBLE_DEVICES takes: indices or UUIDs; anything else is named (a,b was taken)
+    assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--gpus', 'GPU-8f3a,1']) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith('CUDA_VISIBLE_DEVICES=GPU-8f3a ')
+    for text, what in (('a,b', "'a' is not one"), ('0,,1', 'an empty entry is not one'), ('cuda:0', "'cuda:0' is not one")):
+        assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--gpus', text]) == 2
+        assert capsys.readouterr().err == (
+            f'error: argument --gpus: --gpus takes a comma list of GPU indices such as 0,1 (or GPU-/MIG- UUIDs as '
+            f'nvidia-smi -L prints them); {what}, in {text!r} (see python -m timm_rc sweep --help)\n')
 
 
 # ---- user errors: exit code 2, one line ---------------------------------------------------------

@@ -17,9 +17,13 @@ __all__ = ['main']
 
 
 def _gpu_list(text: str) -> List[str]:
+    """ GPU ids as CUDA_VISIBLE_DEVICES takes them: indices (0,1) or UUIDs (GPU-..., MIG-...). """
     gpus = [g.strip() for g in text.split(',')]
-    if not all(gpus):
-        raise argparse.ArgumentTypeError(f'--gpus takes a comma list of GPU ids such as 0,1; got {text!r}')
+    bad = [g for g in gpus if not (g.isdigit() or g.startswith(('GPU-', 'MIG-')))]
+    if not gpus or bad:
+        what = f'{bad[0]!r} is not one' if bad and bad[0] else 'an empty entry is not one'
+        raise argparse.ArgumentTypeError(f'--gpus takes a comma list of GPU indices such as 0,1 (or GPU-/MIG- UUIDs '
+                                         f'as nvidia-smi -L prints them); {what}, in {text!r}')
     return gpus
 
 
