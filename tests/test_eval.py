@@ -274,6 +274,23 @@ def test_names_of_0_2_0_still_import_with_one_deprecation_warning(old, name, new
         getattr(sys.modules[old], 'no_such_name')
 
 
+def test_an_old_module_warns_where_it_is_imported_and_gives_its_names_to_import_star():
+    """ It warned only when a name was used, and `from timm_rc.sweep_runner import *` imported nothing. """
+    import sys
+    import warnings
+    import timm_rc.train.sweeps
+    sys.modules.pop('timm_rc.sweep_runner', None)
+    namespace = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        exec('from timm_rc.sweep_runner import *', namespace)
+    assert [(str(w.message), w.filename) for w in caught] == [
+        ('timm_rc.sweep_runner moved in timm_rc 0.3.0: its names are in timm_rc.train.sweeps; the old module goes '
+         'in 0.4.0', '<string>')]  # the importer's line, not importlib's
+    public = timm_rc.train.sweeps.__all__
+    assert {n: namespace[n] for n in public} == {n: getattr(timm_rc.train.sweeps, n) for n in public}
+
+
 def test_a_timm_name_is_a_source_as_for_the_other_verbs(tiny, capsys):
     """ `eval rc1_cifar` evaluates the untrained model, as `--model rc1_cifar` does (the help and the
     bad-source message offer a timm name; it said 'rc1_cifar does not exist'). """

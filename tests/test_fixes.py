@@ -210,6 +210,9 @@ def test_the_front_door_lists_every_command_and_dispatches():
     with pytest.raises(SystemExit) as e:
         main(['results', '/nonexistent/folder'])
     assert e.value.code == 2
+    # the trainer's package runs as a module too (it had no __main__: "cannot be directly executed")
+    sub = subprocess.run([sys.executable, '-m', 'timm_rc.train', '--help'], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0 and sub.stdout.startswith('usage: python -m timm_rc train [--config FILE.yaml]')
 
 
 def test_version_names_the_package_and_what_it_runs_on(capsys):

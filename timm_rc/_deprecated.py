@@ -4,8 +4,9 @@
 maps an old name to its new module, or is a sequence of new modules searched in order for any public name.
 
 `MOVED` lists the modules that moved in timm_rc 0.3.0 (the layout by concern). No file is left at their old
-paths: `install()` puts a finder on `sys.meta_path` that builds each old module on import, with every name
-of its new modules reachable through `alias`, and `python -m OLD` runs the command that replaced it.
+paths: `install()` puts a finder on `sys.meta_path` that builds each old module on import (a DeprecationWarning
+where it is imported), with every name of its new modules reachable through `alias` (and `import *`), and
+`python -m OLD` runs the command that replaced it.
 """
 import importlib
 import importlib.abc
@@ -83,9 +84,20 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         return None  # the default: an empty module
 
     def exec_module(self, module):
+        """ The old module: one DeprecationWarning where it is imported (stacklevel 2 skips importlib's own frames)
+        naming the new modules, whose public names it holds (`from OLD import *` gets them); any other name is
+        reached through `alias`, with a warning naming its new place. """
         new, command = MOVED[module.__name__]
+        warnings.warn(f'{module.__name__} moved in timm_rc 0.3.0: its names are in {", ".join(new)}; the old module '
+                      f'goes in {REMOVAL}', DeprecationWarning, stacklevel=2)
         module.__doc__ = (f'{module.__name__} moved in timm_rc 0.3.0: its names are in {", ".join(new)} '
-                          f'(reachable here with a DeprecationWarning until {REMOVAL}).')
+                          f'(reachable here until {REMOVAL}).')
+        public = {}
+        for m in reversed(new):  # the first module's name wins, as `alias` searches them
+            mod = importlib.import_module(m)
+            public.update({n: getattr(mod, n) for n in _public(mod) if hasattr(mod, n)})
+        module.__dict__.update(public)
+        module.__all__ = sorted(public)
         module.__getattr__ = alias(module.__name__, list(new))
 
     def get_source(self, fullname):
