@@ -198,12 +198,40 @@ def test_curves_figure_titles_labels_and_integer_epochs(tmp_path):
 
 def test_tradeoff_figure_labels_rows_with_their_spread(tmp_path):
     for seed, err in ((0, 20.0), (1, 22.0)):
-        make_run(tmp_path / f'rc4/seed{seed}', err=err, seed=seed, model_kwargs={'width': 8})
+        make_run(tmp_path / f'rc4/seed{seed}', err=err, seed=seed, params=20_786, model_kwargs={'width': 8})
     make_run(tmp_path / 'r18/seed0', err=17.0, model='rc4_unshared_cifar', params=79_538, model_kwargs={'width': 8})
     fig = plots.tradeoff_figure(results.result_rows(results.collect([tmp_path])))
     ax = fig.axes[0]
-    assert sorted(ax.get_legend_handles_labels()[1]) == ['1: RC-4 (2 runs): 21.00 ± 1.41 %', '2: ResNet-18: 17.00 %']
+    assert sorted(ax.get_legend_handles_labels()[1]) == ['RC-4: 21.00 ± 1.41 % (2 runs)', 'ResNet-18: 17.00 %']
     assert (ax.get_xlabel(), ax.get_ylabel()) == ('unique parameters', 'test top-1 error (%)')
+    assert ax.get_xscale() == 'linear'  # 20,786 to 79,538: under 5x
+
+
+def test_tradeoff_figure_joins_a_network_across_widths_and_keeps_an_outlier_on_the_edge(tmp_path):
+    """ The paper's networks at two widths: one series per network (a line through its widths, one legend
+    entry), a log parameter axis, and RC-4 with one shared BN (near chance) drawn at the top edge instead of
+    stretching the axis fourfold. """
+    for seed, err in ((0, 20.0), (1, 22.0)):
+        make_run(tmp_path / f'w8/rc4/seed{seed}', err=err, seed=seed, params=20_786, model_kwargs={'width': 8})
+    make_run(tmp_path / 'w16/rc4/seed0', err=15.5, params=80_730, model_kwargs={'width': 16})
+    make_run(tmp_path / 'w8/r18/seed0', err=17.0, model='rc4_unshared_cifar', params=79_538, model_kwargs={'width': 8})
+    make_run(tmp_path / 'w16/r18/seed0', err=13.4, model='rc4_unshared_cifar', params=315_738,
+             model_kwargs={'width': 16})
+    make_run(tmp_path / 'w8/shared/seed0', err=89.2, params=20_306, model_kwargs={'width': 8, 'bn_sharing': 'shared'})
+    fig = plots.tradeoff_figure(results.result_rows(results.collect([tmp_path])))
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert sorted(labels) == ['RC-4, shared BN: width 8 89.20 %',
+                              'RC-4: width 8 21.00 ± 1.41 % (2 runs); width 16 15.50 %',
+                              'ResNet-18: width 8 17.00 %; width 16 13.40 %']
+    lines = {label: h for h, label in zip(handles, labels)}
+    rc4 = lines['RC-4: width 8 21.00 ± 1.41 % (2 runs); width 16 15.50 %']
+    assert list(rc4.get_xdata()) == [20_786, 80_730] and list(rc4.get_ydata()) == [21.0, 15.5]
+    assert ax.get_xscale() == 'log'
+    bottom, top = ax.get_ylim()
+    shared = lines['RC-4, shared BN: width 8 89.20 %']
+    assert top < 30 and shared.get_ydata()[0] < top  # on the edge, not at 89.2
+    assert '(89.2 %, off scale)' in ' '.join(t.get_text() for t in ax.texts)
 
 
 def test_plot_curves_writes_a_png(tmp_path):

@@ -19,7 +19,7 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from ..runs import Run
@@ -256,24 +256,70 @@ def _distinct(parts: List[List[str]]) -> List[List[str]]:
 
 
 def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
-    """ Test error (mean ± std over seeds) against unique parameters, one point per row of
-    `timm_rc.reports.tables.result_rows`; each label is the row's name with the kwargs and settings that not every
-    row shares. """
+    """ Test error (mean ± std over seeds, as error bars) against unique parameters, one point per row of
+    `timm_rc.reports.tables.result_rows`. Rows that differ in their `width` alone are one series: one colour, a
+    line through its widths (each point marked with its width), one legend entry holding every width's error.
+    Labels are the row's name with the kwargs and settings that not every row shares. The parameter axis is
+    logarithmic where it spans more than 5x; a point more than twice the median error away (RC-4 with one shared
+    BN: near chance) is drawn as a triangle at the top edge with its value, so it does not flatten the rest. """
     if not rows:
         raise UserError('no runs to plot: give folders that hold finished runs (summary.json)')
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
-    kwargs = _distinct([[f'{k} {v}' for k, v in json.loads(r['kwargs'] or '{}').items()] for r in rows])
+    all_kwargs = [json.loads(r['kwargs'] or '{}') for r in rows]
+    widths = [kw.get('width') for kw in all_kwargs]
+    several_widths = len(set(widths)) > 1
+    kwargs = _distinct([[f'{k} {v}' for k, v in kw.items() if not (several_widths and k == 'width')]
+                        for kw in all_kwargs])
     settings = _distinct([[p for p in r['setting'].split(', ') if p] for r in rows])
-    for i, (r, kw, st) in enumerate(zip(rows, kwargs, settings), 1):
-        label = ', '.join([r['name'], *kw, *st]) + (f' ({r["runs"]} runs)' if r['runs'] > 1 else '')
-        ax.errorbar(r['params'], r['mean'], yerr=r['std'] or 0, marker='o', capsize=3, linestyle='none',
-                    label=f'{i}: {label}: {r["mean"]:.2f}' + (f' ± {r["std"]:.2f}' if r['runs'] > 1 else '') + ' %')
-        ax.annotate(str(i), (r['params'], r['mean']), textcoords='offset points', xytext=(5, 3), fontsize=8)
+    keys = [(r['name'], *kw, *st) for r, kw, st in zip(rows, kwargs, settings)]
+    # the config file's name only where the rows need it apart (rc4_cifar10.yaml beside RC-4 says nothing)
+    short = [tuple(p for p in key if not p.startswith('config ')) for key in keys]
+    if len(set(short)) == len(set(keys)):
+        keys = short
+    series: Dict[str, List[Tuple[Dict, Any]]] = {}
+    for r, key, width in zip(rows, keys, widths):
+        series.setdefault(', '.join(key), []).append((r, width))
+    means = sorted(r['mean'] for r in rows)
+    median = means[len(means) // 2]
+    on_scale = [r for r in rows if r['mean'] <= 2 * median]
+    top = max(r['mean'] + (r['std'] or 0) for r in on_scale) * 1.08
+    bottom = min(r['mean'] - (r['std'] or 0) for r in on_scale) * 0.92
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    for i, (label, points) in enumerate(series.items()):
+        points.sort(key=lambda p: p[0]['params'])
+        color = colors[i % len(colors)]
+        values = []
+        for r, width in points:
+            value = f'{r["mean"]:.2f}' + (f' ± {r["std"]:.2f}' if r['runs'] > 1 else '') + ' %' + (
+                f' ({r["runs"]} runs)' if r['runs'] > 1 else '')
+            values.append(f'width {width} {value}' if several_widths and width is not None else value)
+            off = r['mean'] > 2 * median
+            y = top if off else r['mean']
+            ax.errorbar(r['params'], y, yerr=None if off else (r['std'] or 0), marker='^' if off else 'o',
+                        capsize=3, linestyle='none', color=color)
+            text = ' '.join(filter(None, [f'w{width}' if several_widths and width is not None else '',
+                                          f'({r["mean"]:.1f} %, off scale)' if off else '']))
+            if text:
+                ax.annotate(text, (r['params'], y), textcoords='offset points', xytext=(5, -10 if off else 3),
+                            fontsize=8, color=color)
+        ax.plot([r['params'] for r, _ in points], [top if r['mean'] > 2 * median else r['mean'] for r, _ in points],
+                color=color, marker='o', linestyle='-' if len(points) > 1 else 'none', alpha=0.8,
+                label=f'{label}: {"; ".join(values)}')
+    params = [r['params'] for r in rows]
+    if max(params) > 5 * min(params):
+        from matplotlib.ticker import FuncFormatter
+        ax.set_xscale('log')
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:,.0f}'))
+        # of the minor ticks, 2, 3 and 5 x 10^n only: the rest would overlap
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f'{v:,.0f}' if f'{v:.0e}'[0] in '235' else ''))
+        ax.tick_params(axis='x', which='both', labelsize=8)
+    ax.set_ylim(bottom, top * 1.03)
     ax.set(xlabel='unique parameters', ylabel='test top-1 error (%)',
-           title='compression trade-off: test error against parameters (mean ± std over seeds)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.22))  # below: the points stay visible
+           title='test error against parameters (mean ± std over seeds)')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.15))  # below: the points stay visible
     fig.tight_layout()
     return fig
 
