@@ -173,7 +173,7 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
         ([str(tmp_path)], 'holds no model.safetensors; give a run folder written by the trainer'),
         ([str(unfinished)], 'the run is not finished: its newest checkpoint is '
                             f'{unfinished}/checkpoints/epoch_0001/model.safetensors'),
-        ([], 'nothing to evaluate: give a run folder or a weights file, or --model NAME'),
+        ([], 'error: no model given: give a run folder, a weights file or a timm name (e.g. rc4_cifar)\n'),
         ([stray], 'is a weights file outside a run folder: name its model with --model'),
         (['--model', 'rc5_cifar'], "unknown model 'rc5_cifar'; similar names: rc4_cifar, rc2_cifar, rc1_cifar\n"),
         ([weights, '--model', 'rc4_cifar'], 'do not fit rc4_cifar: size mismatch for conv1.weight'),
@@ -304,3 +304,26 @@ def test_a_timm_name_is_a_source_as_for_the_other_verbs(tiny, capsys):
     # the library routine takes the name too, as every verb does (it refused a name that was not a path)
     assert load_model('rc1_cifar', model_kwargs={'width': 4}).num_classes == 10
     assert type(load_model('rc1_cifar', model_kwargs={'width': 4})) is type(load_model(None, 'rc1_cifar'))
+
+
+def test_what_names_a_model_is_checked_in_the_users_terms(tiny, tmp_path, monkeypatch):
+    """ The library's own errors (they were command-line wording, a raw ValueError, or silent). """
+    root, out, _ = tiny
+    with pytest.raises(UserError, match=r"^model_kwargs must be a dict such as \{\"width\": 16\}, got str "):
+        load_model('rc1_cifar', model_kwargs='{"width": 4}')
+    with pytest.raises(UserError, match=r"^rc1_cifar has no pretrained tag 'cifar10x'; its tags: cifar10, cifar100$"):
+        load_model('rc1_cifar.cifar10x')
+    # a misspelled kwarg on a run folder gets the valid keys of the run's model, as on a timm name
+    with pytest.raises(UserError, match=r"got an unexpected keyword argument 'widht'; did you mean 'width'\? valid "
+                                        r"keys: act_layer, block, "):
+        load_model(out, model_kwargs={'widht': 4})
+    # a folder named like a timm name hides it: said so
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'rc1_cifar').mkdir()
+    with pytest.raises(UserError, match=r"^rc1_cifar holds no model.safetensors; .* rc1_cifar is also a timm name, "
+                                        r"which this folder hides: run from another folder, or give --model rc1_cifar$"):
+        load_model('rc1_cifar')
+    from timm_rc.runs.source import load_spec  # compress report's: run folders and names, never files
+    with pytest.raises(UserError, match=r"model.safetensors is a file; give the run folder that holds it, or a timm "
+                                        r"name \(e.g. rc4_cifar\)$"):
+        load_spec(str(out / 'model.safetensors'))

@@ -3,6 +3,7 @@
 The trainer, every command and the loaders of weights files call `create_model`, so an unknown name
 gets the same "similar names" line everywhere and a kwarg the model rejects is one line, not a traceback.
 """
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -50,6 +51,13 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
         raise UserError(f'the starting weights {file} (model_kwargs pretrained_cfg_overlay) do not exist; give the file '
                         f'written by python -m timm_rc convert or a training run\'s model.safetensors')
     shown = name.removeprefix('local-dir:')
+    base, _, tag = name.partition('.')
+    if tag and not name.startswith('local-dir:'):
+        from timm.models import get_arch_pretrained_cfgs
+        tags = [t.partition('.')[2] for t in get_arch_pretrained_cfgs(base)]
+        if tag not in tags:
+            raise UserError(f'{base} has no pretrained tag {tag!r}; its tags: {", ".join(tags)}' if tags else
+                            f'{base} has no pretrained tags; give the name alone')
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:
@@ -99,11 +107,19 @@ def _valid_keys(name: str, error: str) -> str:
     import difflib
     import re
     m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", error)
-    if m is None or name.startswith('local-dir:'):
+    if m is None:
         return ''
-    names = model_kwarg_names(name, m.group(1))
+    if name.startswith('local-dir:'):  # a run folder: the model its config.json names
+        try:
+            name = json.loads((Path(name.removeprefix('local-dir:')) / 'config.json').read_text())['architecture']
+        except (OSError, ValueError, KeyError, TypeError):
+            return ''
+    try:
+        names = model_kwarg_names(name, m.group(1))
+    except RuntimeError:  # not a registered name
+        return ''
     if not names:
         return ''
     close = difflib.get_close_matches(m.group(2), names, n=1)
-    mean = f"; did you mean '{close[0]}'?" if close else ''
-    return f'{mean} valid keys: {", ".join(sorted(names))}'
+    lead = f"; did you mean '{close[0]}'? valid keys: " if close else '; valid keys: '
+    return lead + ', '.join(sorted(names))

@@ -97,11 +97,13 @@ class ModelSource:
               model_kwargs: Optional[Dict[str, Any]] = None) -> 'ModelSource':
         """ The source a command was given: a path (that must exist), or a timm name; no `source` means the
         timm model `model`. Problems are `UserError`s that name them and the valid forms. """
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise UserError(f'model_kwargs must be a dict such as {{"width": 16}}, got {type(model_kwargs).__name__} '
+                            f'{model_kwargs!r}')
         kwargs = dict(model_kwargs or {})
         if source is None:
             if model is None:
-                raise UserError('nothing to evaluate: give a run folder or a weights file, or --model NAME for an '
-                                'untrained model')
+                raise UserError('no model given: give a run folder, a weights file or a timm name (e.g. rc4_cifar)')
             return cls('timm', None, model, kwargs)
         path = Path(source)
         if not path.exists():
@@ -122,6 +124,9 @@ class ModelSource:
                 ckpts = sorted((path / Run.CHECKPOINTS).glob(f'epoch_*/{Run.WEIGHTS}'))
                 if ckpts:
                     hint = f'; the run is not finished: its newest checkpoint is {ckpts[-1]}'
+                if not hint and str(source) == path.name and is_registered(path.name):
+                    hint = (f'; {source} is also a timm name, which this folder hides: run from another folder, or '
+                            f'give --model {source}')
                 raise UserError(f'{source} holds no {Run.WEIGHTS}; give a run folder written by the trainer (or '
                                 f'timm\'s save_for_hf) or a weights file{hint}')
             return cls('folder', path, model, kwargs)
@@ -207,9 +212,9 @@ def load_spec(spec: str, model_kwargs: Optional[Dict[str, Any]] = None
               ) -> Tuple[nn.Module, Optional[Run], str, Dict[str, Any]]:
     """ (model in eval mode, its run or None, timm name, model_kwargs) for a run folder or a registered
     name (built untrained with `model_kwargs`). A run's kwargs are the architecture's (`Run.model_kwargs`). """
+    if Path(spec).is_file():  # before parsing, whose message would offer a weights file
+        raise UserError(f'{spec} is a file; give the run folder that holds it, or a timm name (e.g. rc4_cifar)')
     src = ModelSource.parse(spec, None, None if Path(spec).exists() else model_kwargs)
-    if src.kind in ('weights', 'quantized'):
-        raise UserError(f'{spec} is a file; give the run folder that holds it')
     net = src.load()
     if src.kind == 'timm':
         return net, None, src.model, dict(src.model_kwargs)
