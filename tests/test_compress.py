@@ -257,6 +257,9 @@ def test_bad_inputs_are_one_line_and_leave_the_run_alone(tiny, tmp_path, capsys)
     before = digests(out)
     assert '--bits must be 8 or 4, got 5' in exits_2(['quantize', str(out), '--bits', '5'], capsys)
     assert "--bits takes 8 or 4" in exits_2(['report', 'rc1_cifar', '--bits', '16'], capsys)
+    assert exits_2(['report', str(out), '--model_kwargs', '{"widht": 4}'], capsys) == (
+        'error: --model_kwargs applies to registered names (e.g. rc4_cifar); a run folder builds the model it was '
+        'trained with, so {"widht": 4} would be ignored: leave it out, or give a name\n')  # it was dropped silently
     assert 'rc5_cifar is neither a file or folder here nor a registered timm name; similar names: rc4_cifar, rc2_cifar, rc1_cifar\n' in exits_2(['report', 'rc5_cifar'], capsys)
     empty = tmp_path / 'run_without_weights'
     empty.mkdir()

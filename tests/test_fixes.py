@@ -293,5 +293,11 @@ def test_a_folder_given_for_a_config_or_sweep_file_is_named_as_one(tmp_path, cap
     assert str(e.value) == f'--config {tmp_path} is a folder; give a config file, e.g. {tmp_path / "a.yaml"} ' \
                            '(it holds a.yaml, b.yaml)'
     assert sweep([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f'error: {tmp_path} is a folder; give a sweep file (none there: a sweep file ' \
+                                      f'has a top-level method: grid)\n'
+    # the sweep files, not the train configs beside them (the hint pointed at a train config, which then failed)
+    (tmp_path / 'sweeps').mkdir()
+    (tmp_path / 'sweeps' / 'grid.yaml').write_text('program: train.py\nmethod: grid\nparameters: {}\n')
+    assert sweep([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f'error: {tmp_path} is a folder; give a sweep file, e.g. ' \
-                                      f'{tmp_path / "a.yaml"} (it holds a.yaml, b.yaml)\n'
+                                      f'{tmp_path / "sweeps/grid.yaml"} (sweep files there: sweeps/grid.yaml)\n'

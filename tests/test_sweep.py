@@ -157,7 +157,8 @@ def test_dry_run_shows_each_runs_thread_share_or_gpu(monkeypatch, capsys):
     # ids are what CUDA_VISIBLE_DEVICES takes: indices or UUIDs; anything else is named (a,b was taken)
     assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--gpus', 'GPU-8f3a,1']) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith('CUDA_VISIBLE_DEVICES=GPU-8f3a ')
-    for text, what in (('a,b', "'a' is not one"), ('0,,1', 'an empty entry is not one'), ('cuda:0', "'cuda:0' is not one")):
+    for text, what in (('a,b', "'a' is not one"), ('0,,1', 'an empty entry is not one'), ('cuda:0', "'cuda:0' is not one"),
+                       ('GPU-xxxx', "'GPU-xxxx' is not one")):  # a malformed UUID would hide every GPU
         assert main(['train_configs/sweeps/table2_cifar10.yaml', '--dry-run', '--gpus', text]) == 2
         assert capsys.readouterr().err == (
             f'error: argument --gpus: --gpus takes a comma list of GPU indices such as 0,1 (or GPU-/MIG- UUIDs as '

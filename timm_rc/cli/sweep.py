@@ -17,9 +17,12 @@ __all__ = ['main']
 
 
 def _gpu_list(text: str) -> List[str]:
-    """ GPU ids as CUDA_VISIBLE_DEVICES takes them: indices (0,1) or UUIDs (GPU-..., MIG-...). """
+    """ GPU ids as CUDA_VISIBLE_DEVICES takes them: indices (0,1) or UUIDs as nvidia-smi -L prints them
+    (GPU-<hex and dashes>, which CUDA also takes shortened to a unique prefix; MIG-<...>). """
+    import re
     gpus = [g.strip() for g in text.split(',')]
-    bad = [g for g in gpus if not (g.isdigit() or g.startswith(('GPU-', 'MIG-')))]
+    uuid = re.compile(r'^(GPU-[0-9a-fA-F][0-9a-fA-F-]*|MIG-(GPU-)?[0-9a-fA-F][0-9a-fA-F-]*(/\d+/\d+)?)$')
+    bad = [g for g in gpus if not (g.isdigit() or uuid.match(g))]
     if not gpus or bad:
         what = f'{bad[0]!r} is not one' if bad and bad[0] else 'an empty entry is not one'
         raise argparse.ArgumentTypeError(f'--gpus takes a comma list of GPU indices such as 0,1 (or GPU-/MIG- UUIDs '

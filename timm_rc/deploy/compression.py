@@ -8,6 +8,7 @@ weight-quantized forms. `report_models`, `quantize_run` and `int8_run` are what 
 `python -m timm_rc compress` commands (report, quantize, int8) do, on run folders or registered names.
 """
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -136,6 +137,10 @@ def report_models(specs: Sequence[str], *, model_kwargs: Optional[Dict[str, Any]
     each RC model is followed by the plain network of its graph. """
     for b in bits:
         config_for_bits(b, group_size)  # a bad count is an error before any work
+    if model_kwargs and specs and all(Path(spec).is_dir() for spec in specs):
+        raise UserError(f'--model_kwargs applies to registered names (e.g. rc4_cifar); a run folder builds the model '
+                        f'it was trained with, so {json.dumps(model_kwargs)} would be ignored: leave it out, or '
+                        f'give a name')
     rows = []
     for spec in specs:
         net, run, name, kwargs = load_spec(spec, model_kwargs)

@@ -69,11 +69,13 @@ class SweepError(UserError):
 def load_sweep(path) -> Dict[str, Any]:
     """ Read a W&B sweep file and check what this runner needs (a `grid` over values it can list). """
     p = Path(path)
-    if p.is_dir():
-        files = sorted(f.name for f in p.glob('*.yaml'))[:6]
+    if p.is_dir():  # the sweep files in it or a folder below (a sweep file has a top-level `method:`)
+        files = [f for f in sorted(p.glob('*.yaml')) + sorted(p.glob('*/*.yaml'))
+                 if re.search(r'^method:', f.read_text(errors='replace'), re.M)]
+        shown = [str(f.relative_to(p)) for f in files[:6]]
         raise SweepError(f'{path} is a folder; give a sweep file' + (
-            f', e.g. {p / files[0]} (it holds {", ".join(files)}{", ..." if len(files) == 6 else ""})'
-            if files else ''))
+            f', e.g. {files[0]} (sweep files there: {", ".join(shown)}{", ..." if len(files) > 6 else ""})'
+            if files else ' (none there: a sweep file has a top-level method: grid)'))
     if not p.is_file():
         raise SweepError(f'sweep file {path} does not exist')
     try:
