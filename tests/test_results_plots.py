@@ -207,6 +207,13 @@ def test_tradeoff_figure_labels_rows_with_their_spread(tmp_path):
     assert ax.get_xscale() == 'linear'  # 20,786 to 79,538: under 5x
 
 
+def test_rows_of_one_network_go_by_width_as_numbers(tmp_path):
+    for width in (16, 4, 8):
+        make_run(tmp_path / f'w{width}/seed0', params=width, model_kwargs={'width': width})
+    rows = results.result_rows(results.collect([tmp_path]))
+    assert [r['kwargs'] for r in rows] == ['{"width": 4}', '{"width": 8}', '{"width": 16}']  # not 16, 4, 8
+
+
 def test_tradeoff_figure_joins_a_network_across_widths_and_keeps_an_outlier_on_the_edge(tmp_path):
     """ The paper's networks at two widths: one series per network (a line through its widths, one legend
     entry), a log parameter axis, and RC-4 with one shared BN (near chance) drawn at the top edge instead of

@@ -214,7 +214,12 @@ def test_unreadable_sweep_files(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f'error: sweep file {tmp_path / "missing.yaml"} does not exist'
     assert err[1].endswith('must hold a mapping (program, method, parameters, ...)')
-    assert 'is not valid YAML' in err[2] and len(err) == 3
+    assert err[2] == (f'error: sweep file {tmp_path / "bad.yaml"} is not valid YAML (line 2, column 1): expected \',\' '
+                      f'or \']\', but got \'<stream end>\'') and len(err) == 3
+    from timm_rc.errors import UserError
+    from timm_rc.runs.config import load_config  # the trainer's config file: the same one line
+    with pytest.raises(UserError, match=r'^config file .*bad.yaml is not valid YAML \(line 2, column 1\): expected'):
+        load_config(['--config', str(tmp_path / 'bad.yaml')])
 
 
 # ---- running: any program ------------------------------------------------------------------------

@@ -344,7 +344,8 @@ def test_wandb_goes_offline_without_an_api_key(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize('argv,message', [
-    (['--epochz', '3'], "unknown config key 'epochz' in the command line; valid keys: batch_size,"),
+    (['--epochz', '3'], "unknown config key 'epochz' in the command line; did you mean 'epochs'? valid keys: batch_size,"),
+    (['--zzz', '3'], "unknown config key 'zzz' in the command line; valid keys: batch_size,"),
     (['--epochs', 'three'], "config key 'epochs' needs a value of type int, got 'three'"),
     (['--lr', 'fast'], "config key 'lr' needs a value of type float, got 'fast'"),
     (['--loader', 'fastest'], "config key 'loader' must be one of auto, gpu, dataloader, timm; got 'fastest'"),

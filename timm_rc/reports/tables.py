@@ -22,6 +22,7 @@ older trainer) is not compared.
 """
 import json
 import os
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -240,7 +241,10 @@ def result_rows(runs: List[dict], on_warning: Optional[Callable[[str], None]] = 
 
     rows = []
     # rows of one model, kwargs and dataset together, the most complete first
-    order = sorted(groups, key=lambda sig: (sig[:3], -(settings[sig].get('epochs_completed') or 0), sig[3]))
+    def natural(text: str) -> list:  # {"width": 8} before {"width": 16}
+        return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
+    order = sorted(groups, key=lambda sig: (sig[0], natural(sig[1]), sig[2],
+                                            -(settings[sig].get('epochs_completed') or 0), sig[3]))
     for sig in order:
         rs = groups[sig]
         key, extra, dataset, _ = sig

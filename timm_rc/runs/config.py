@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, yaml_problem
 from ..models.create import INIT_KWARGS
 
 __all__ = ['TrainConfig', 'UserError', 'INIT_KWARGS', 'load_config', 'paper_epochs', 'config_help', 'wants_help',
@@ -243,8 +243,11 @@ def _apply(cfg: Dict[str, Any], updates: Dict[str, Any], source: str, from_cli: 
     for key, value in updates.items():
         key, dot, sub = key.partition('.')
         if key not in _FIELDS or (_FIELDS[key].metadata.get('recorded') and source != 'recorded'):
+            import difflib
+            close = difflib.get_close_matches(key, sorted(SETTABLE), n=1)
+            mean = f"did you mean {close[0]!r}? " if close else ''
             raise UserError(
-                f'unknown config key {key!r} in {source}; valid keys: {", ".join(sorted(SETTABLE))}')
+                f'unknown config key {key!r} in {source}; {mean}valid keys: {", ".join(sorted(SETTABLE))}')
         is_mapping = typing.get_origin(hints[key]) in (dict, Dict)
         if dot:
             if not is_mapping or not sub:
@@ -367,7 +370,7 @@ def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None,
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UserError(f'config file {path} is not valid YAML: {e}') from None
+            raise UserError(f'config file {path} is not valid YAML{yaml_problem(e)}') from None
         if not isinstance(data, dict):
             raise UserError(f'config file {path} must hold a mapping of keys to values')
         _apply(values, data, f'config file {path}', from_cli=False)

@@ -44,7 +44,7 @@ import yaml
 
 from .. import runs as run_folders
 from ..runs.config import load_config
-from ..errors import UserError
+from ..errors import UserError, yaml_problem
 
 __all__ = ['DEFAULT_COMMAND', 'SweepError', 'Run', 'Overview', 'load_sweep', 'grid', 'command_args', 'expand_command',
            'trainer_argv', 'run_state', 'plan', 'run_sweep', 'is_trainer_script', 'TRAINER_MODULES',
@@ -81,7 +81,7 @@ def load_sweep(path) -> Dict[str, Any]:
     try:
         sweep = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f'sweep file {path} is not valid YAML: {" ".join(str(e).split())}') from None
+        raise SweepError(f'sweep file {path} is not valid YAML{yaml_problem(e)}') from None
     if not isinstance(sweep, dict):
         raise SweepError(f'sweep file {path} must hold a mapping (program, method, parameters, ...)')
     method = sweep.get('method')
