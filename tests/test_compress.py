@@ -255,7 +255,10 @@ def test_quantize_a_run_writes_beside_its_weights_and_touches_nothing(tiny, caps
 def test_bad_inputs_are_one_line_and_leave_the_run_alone(tiny, tmp_path, capsys):
     root, out, summary = tiny
     before = digests(out)
-    assert '--bits must be 8 or 4, got 5' in exits_2(['quantize', str(out), '--bits', '5'], capsys)
+    for bits in ('5', '8,4'):
+        assert exits_2(['quantize', str(out), '--bits', bits], capsys) == (
+            f"error: argument --bits: --bits takes 8 or 4 (quantize writes one file a call; report takes a list such "
+            f"as 8,4); got '{bits}' (see python -m timm_rc compress quantize --help)\n")
     assert "--bits takes 8 or 4" in exits_2(['report', 'rc1_cifar', '--bits', '16'], capsys)
     assert exits_2(['report', str(out), '--model_kwargs', '{"widht": 4}'], capsys) == (
         'error: --model_kwargs applies to registered names (e.g. rc4_cifar); a run folder builds the model it was '

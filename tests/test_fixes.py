@@ -200,7 +200,8 @@ def test_the_front_door_lists_every_command_and_dispatches():
     for verb in ('train', 'eval', 'sweep', 'results', 'plots', 'compress', 'convert', 'export'):
         assert f'\n  {verb} ' in out.stdout
     bad = subprocess.run([sys.executable, '-m', 'timm_rc', 'trian'], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'trian'; the commands are train, ")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown command 'trian'; did you mean train? the "
+                                                         "commands are train, ")
     assert bad.stderr.count('\n') == 1
     bare = subprocess.run([sys.executable, '-m', 'timm_rc'], capture_output=True, text=True, cwd=REPO)
     assert bare.returncode == 2 and bare.stdout == ''
@@ -216,6 +217,9 @@ def test_the_front_door_lists_every_command_and_dispatches():
 
 
 def test_version_names_the_package_and_what_it_runs_on(capsys):
+    from timm_rc.__main__ import main as door
+    assert door(['--verison']) == 2 and capsys.readouterr().err.startswith(
+        "error: unknown command '--verison'; did you mean --version? the commands are train, ")
     import accelerate
     import timm
     import timm_rc

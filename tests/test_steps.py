@@ -247,6 +247,11 @@ def test_eval_over_steps_rows_flops_and_plot(sampled_run, tiny_data, tmp_path, c
     table = capsys.readouterr().out
     assert 'bn_policy first' in table and '(trained)' in table and 'MFLOPs/image' in table
     assert text_reports[0]['steps'][1]['top1_error'] == json.loads((plain / 'summary.json').read_text())['test_top1_error']
+    # an untrained model (a timm name) was trained with no steps: it is "built with" them, and no row is "(trained)"
+    eval_main(['rc4_cifar', '--model_kwargs', '{"width": 4}', '--data_dir', str(tiny_data), '--steps', '2,4'])
+    table = capsys.readouterr().out
+    assert 'untrained: rc4_cifar {"width": 4}' in table and 'built with 4 steps per cell' in table
+    assert '(trained)' not in table and table.count('(built)') == 1
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -64,7 +64,10 @@ def main(argv: Optional[Sequence[str]] = None):
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f'error: unknown command {name!r}; the commands are {", ".join(COMMANDS)} '
+        import difflib
+        close = difflib.get_close_matches(name, [*COMMANDS, '--help', '--version'], n=1)
+        mean = f'did you mean {close[0]}? ' if close else ''
+        print(f'error: unknown command {name!r}; {mean}the commands are {", ".join(COMMANDS)} '
               f'(python -m timm_rc --help)', file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])

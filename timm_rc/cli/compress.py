@@ -55,7 +55,7 @@ def _parser() -> ArgumentParser:
 
     q = sub.add_parser('quantize', help='write RUN/model.int{8,4}.safetensors; fp32 and quantized error and size')
     q.add_argument('run', metavar='RUN', help='a run folder holding model.safetensors')
-    q.add_argument('--bits', type=int, required=True, help='8 (per output channel) or 4 (grouped)')
+    q.add_argument('--bits', type=_one_bits, required=True, help='8 (per output channel) or 4 (grouped)')
     q.add_argument('--group_size', type=int, default=DEFAULT_GROUP_SIZE, help='int4 group size (default 32)')
     q.add_argument('--overwrite', action='store_true', help='replace the model.int{8,4}.safetensors an earlier '
                                                              'quantize wrote (kept otherwise: an error)')
@@ -129,6 +129,14 @@ def _int8_text(r: Dict[str, Any]) -> str:
         error = f'{r[kind + "_top1_error"]:.2f}%' if kind + '_top1_error' in r else '(same model)'
         lines.append(f'  {label:<15}{error:>12}{r[kind + "_latency_ms_b1"]:>10.2f}{r[kind + "_latency_ms_b64"]:>10.1f}')
     return '\n'.join(lines)
+
+
+def _one_bits(text: str) -> int:
+    if text.strip() not in ('8', '4'):
+        import argparse
+        raise argparse.ArgumentTypeError(f'--bits takes 8 or 4 (quantize writes one file a call; report takes a '
+                                         f'list such as 8,4); got {text!r}')
+    return int(text)
 
 
 def _bits(text: str) -> List[int]:

@@ -96,7 +96,8 @@ def _table(r: Dict[str, Any]) -> str:
 def _steps_table(r: Dict[str, Any]) -> str:
     kwargs = f' {json.dumps(r["model_kwargs"])}' if r['model_kwargs'] else ''
     precision = 'fp32' if r['mixed_precision'] == 'no' else r['mixed_precision']
-    lines = [f'{r["source"] or "untrained"}: {r["model"]}{kwargs}, {r["params"]:,} params, trained with '
+    built = 'trained' if r['source'] else 'built'  # an untrained model (a timm name) was trained with nothing
+    lines = [f'{r["source"] or "untrained"}: {r["model"]}{kwargs}, {r["params"]:,} params, {built} with '
              f'{r["trained_steps"]} step{"s" * (r["trained_steps"] != 1)} per cell, bn_sharing {r["bn_sharing"]}, bn_policy {r["bn_policy"]}',
              f'  on {r["data_dir"] or r["dataset"]} ({r["split"]} split), {r["device"]}, {precision}, '
              f'batch {r["batch_size"]}, {r["steps"][0]["examples"]:,} examples' if r['steps'] else '',
@@ -108,7 +109,7 @@ def _steps_table(r: Dict[str, Any]) -> str:
                         f'{rc["batch_size"]}{", augmented" if rc["augmented"] else ""}')
     for row in r['steps']:
         top5 = f'{row["top5_error"]:.2f}%' if row['top5_error'] is not None else 'n/a'
-        mark = ' (trained)' if row['steps'] == r['trained_steps'] else ''
+        mark = f' ({built})' if row['steps'] == r['trained_steps'] else ''
         before = f'  {row["top1_error_before"]:>22.2f}%' if 'top1_error_before' in row else ''
         lines.append(f'  {row["steps"]:>5}  {row["top1_error"]:>10.2f}%  {top5:>11}  '
                      f'{row["flops_per_image"] / 1e6:>12,.2f}{before}{mark}')

@@ -233,9 +233,10 @@ def steps_figure(reports: Sequence[Dict]) -> 'matplotlib.figure.Figure':
         errors = [row['top1_error'] for row in rows]
         line, = ax.plot(flops, errors, marker='o', label=f'{_report_label(r)}, bn_policy {r.get("bn_policy")}')
         for x, y, row in zip(flops, errors, rows):
-            trained = row['steps'] == r.get('trained_steps')
+            trained = row['steps'] == r.get('trained_steps') and r.get('source') is not None  # untrained: none
             ax.annotate(f"k'={row['steps']}" + ('*' if trained else ''), (x, y), textcoords='offset points',
                         xytext=(4, 4), fontsize=7, color=line.get_color())
+    ax.margins(x=0.1)  # room for the k' labels of the rightmost points
     ax.set(xlabel='MFLOPs per image (one multiply-add = 2 FLOPs)', ylabel='test top-1 error (%)',
            title="test error against cost: k' unrolled steps per cell (* trained k)")
     ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))  # below: the lines stay visible
@@ -283,7 +284,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     means = sorted(r['mean'] for r in rows)
     median = means[len(means) // 2]
     on_scale = [r for r in rows if r['mean'] <= 2 * median]
-    top = max(r['mean'] + (r['std'] or 0) for r in on_scale) * 1.08
+    top = min(max(r['mean'] + (r['std'] or 0) for r in on_scale) * 1.08, 100.0)
     bottom = min(r['mean'] - (r['std'] or 0) for r in on_scale) * 0.92
     colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
     for i, (label, points) in enumerate(series.items()):
@@ -315,7 +316,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
         ax.xaxis.set_minor_formatter(FuncFormatter(
             lambda v, _: f'{v:,.0f}' if f'{v:.0e}'[0] in '235' else ''))
         ax.tick_params(axis='x', which='both', labelsize=8)
-    ax.set_ylim(bottom, top * 1.03)
+    ax.set_ylim(bottom, min(top * 1.03, 100.5))  # an error is at most 100 %
     ax.set(xlabel='unique parameters', ylabel='test top-1 error (%)',
            title='test error against parameters (mean ± std over seeds)')
     ax.grid(alpha=0.3, which='both')
