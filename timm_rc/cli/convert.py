@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> RCConversion:
                 kw['bn_sharing'] = args.bn_sharing
             if args.rank:
                 kw['rank'] = args.rank
-            print(f'its state_dict is that of {shared}: fine-tune it with\n  python train.py --model {shared} --model_kwargs '
+            print(f'its state_dict is that of {shared}: fine-tune it with\n  python -m timm_rc train --model {shared} --model_kwargs '
                   f'\'{json.dumps({**kw, "pretrained": True, "pretrained_cfg_overlay": {"file": str(out)}})}\' ...')
     return report
 

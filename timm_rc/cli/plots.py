@@ -23,7 +23,8 @@ __all__ = ['main']
 
 @command
 def main(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog='python -m timm_rc plots', description=__doc__)
+    parser = ArgumentParser(prog='python -m timm_rc plots', description=__doc__.split('\n\n')[0].split(': ', 1)[1],
+                            epilog='examples:\n' + __doc__.split('\n\n')[1])
     sub = parser.add_subparsers(dest='cmd', required=True, parser_class=ArgumentParser)
     p_bn = sub.add_parser('bn', help="per-step BN statistics (the paper's Figures 1(b), 3, 4)")
     p_bn.add_argument('run_dir', type=Path)
@@ -32,7 +33,7 @@ def main(argv: Sequence[str]) -> None:
     p_c = sub.add_parser('curves', help="training loss and test error against epochs (Figure 2)")
     p_c.add_argument('run_dirs', type=Path, nargs='+')
     p_c.add_argument('--out', type=Path, default=None, help='default: plots/curves.png in the first run folder')
-    p_t = sub.add_parser('tradeoff', help='test error against unique parameters, a point per results-table row')
+    p_t = sub.add_parser('tradeoff', help='test error against unique parameters: a point per results-table row, a line per network across widths')
     p_t.add_argument('roots', type=Path, nargs='+', help='run folders, or folders below which runs lie')
     p_t.add_argument('--out', type=Path, required=True, help='the PNG to write')
     args = parser.parse_args(argv)

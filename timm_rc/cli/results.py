@@ -21,7 +21,9 @@ def _warn(text: str) -> None:
 
 @command
 def main(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog='python -m timm_rc results', description=__doc__)
+    intro, more = __doc__.split('\n\n')[:2]
+    parser = ArgumentParser(prog='python -m timm_rc results', description=intro.split(': ', 1)[1] + '\n\n'
+                            + more.split(' A thin layer')[0])
     parser.add_argument('roots', nargs='+', type=Path, help='folders holding run folders (summary.json)')
     parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
     args = parser.parse_args(argv)

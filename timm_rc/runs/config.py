@@ -332,7 +332,7 @@ def config_help(prog: str = 'python train.py') -> str:
         'Settings come from the defaults below, then the YAML file, then the command line (the last of a',
         'repeated key wins). Mappings merge per entry: --model_kwargs \'{"width": 8}\' or --model_kwargs.width 8.',
         'A bare --resume means --resume auto; a bare boolean flag (--compile) means true; null/none unsets.',
-        'Multi-process: accelerate launch [--multi_gpu --num_processes N] train.py ...',
+        'Multi-process: accelerate launch [--multi_gpu --num_processes N] -m timm_rc train ... (or train.py ...)',
     ]
     defaults = TrainConfig()
     group = None
