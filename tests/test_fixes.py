@@ -211,9 +211,17 @@ def test_the_front_door_lists_every_command_and_dispatches():
     with pytest.raises(SystemExit) as e:
         main(['results', '/nonexistent/folder'])
     assert e.value.code == 2
-    # the trainer's package runs as a module too (it had no __main__: "cannot be directly executed")
-    sub = subprocess.run([sys.executable, '-m', 'timm_rc.train', '--help'], capture_output=True, text=True, cwd=REPO)
-    assert sub.returncode == 0 and sub.stdout.startswith('usage: python -m timm_rc train [--config FILE.yaml]')
+
+
+def test_the_trainers_package_runs_as_a_module(monkeypatch, capsys):
+    """ `python -m timm_rc.train` (it had no __main__: "cannot be directly executed"). """
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['-m', '--help'])
+    try:
+        runpy.run_module('timm_rc.train', run_name='__main__')
+    except SystemExit as e:  # the exit code the command returned, where it returned one
+        assert e.code == 0
+    assert capsys.readouterr().out.startswith('usage: python -m timm_rc train [--config FILE.yaml]')
 
 
 def test_version_names_the_package_and_what_it_runs_on(capsys):
