@@ -78,8 +78,8 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, hint: str =
 
 def model_kwarg_names(name: str, cls_name: Optional[str] = None) -> List[str]:
     """ The keyword arguments the timm model `name` takes by name: its entrypoint's (timm_rc's RC options
-    among them) and its model class's (`cls_name`, else the class the entrypoint's module defines under
-    the name the error gave); empty where they cannot be found. """
+    among them) and, given `cls_name` (the class a TypeError named), that class's `__init__`'s, found in the
+    entrypoint's module or another of timm's or timm_rc's model modules. """
     import inspect
     import sys
     import timm.models
