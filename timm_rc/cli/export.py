@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..deploy.export import export_model, require_onnx
-from ..runs.source import load_model, load_source
+from ..runs.source import load_model
 from ..quantize import int8_weights, is_quantized, quantized_name
 from ..runs import Run
 from .common import ArgumentParser, add_threads_option, command, json_object, run, set_threads
@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> dict:
         quantized = int8_weights(int8_path)
         model = load_model(int8_path)
     else:
-        model = load_source(args.source, args.model, json_object(args.model_kwargs))
+        model = load_model(args.source, args.model, json_object(args.model_kwargs))
     report = export_model(model, output, quantized=quantized)
     out = report.to_dict()
     if args.json:

@@ -223,4 +223,4 @@ def load_spec(spec: str, model_kwargs: Optional[Dict[str, Any]] = None
     return net, run, name, run.model_kwargs() if run is not None else {}
 
 
-load_source = load_model  # the name commands used before load_model took every source form
+load_source = load_model  # kept for callers of 0.3.0.dev: load_model now takes every source form
