@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# Compression at convergence (issue 22, item 4), from the converged width-8 runs of converged_w8.yaml:
+# Compression at convergence (issue 22, item 4), from the converged runs of converged_w8.yaml (WIDTH=8, the
+# default) or converged_w16.yaml (WIDTH=16):
 #   int8  weight-only int8 of the converged RC-4 and of the ResNet-18 graph (per output channel)
 #   convert  the ResNet-18 graph converted to RC-4: average init, BN re-estimated on 50 batches, distilled
 #            10 epochs from the ResNet-18 graph (lr 0.01, / 10 at epoch 6), then int8 of the result
 #   relaxed  the same conversion with per-step rank-r corrections, r = 1, 2, 4, each distilled 10 epochs
 # One CPU thread per command, so that a second run can share the 2 cores. Every step skips what is done, so
 # a second copy can take other steps at the same time (e.g. `... convert` beside `... relaxed`). Usage:
-#   bash benchmarks/converged_compress_cpu.sh [int8] [convert] [relaxed]      (default: all three)
-# Small results go to benchmarks/results/converged/w8_compress/; weights stay in runs/converged/w8_compress/.
+#   [WIDTH=16] bash benchmarks/converged_compress_cpu.sh [int8] [convert] [relaxed]      (default: all three)
+# Small results go to benchmarks/results/converged/w${WIDTH}_compress/; weights stay in runs/converged/w${WIDTH}_compress/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=runs/converged/w8
+WIDTH=${WIDTH:-8}
+case $WIDTH in 8|16) ;; *) echo "WIDTH=$WIDTH: the converged campaigns have widths 8 and 16" >&2; exit 2 ;; esac
+RUNS=runs/converged/w$WIDTH
 TEACHER=$RUNS/resnet18_cifar10/seed0
 RC4=$RUNS/rc4_cifar10/seed0
-WORK=runs/converged/w8_compress
-OUT=benchmarks/results/converged/w8_compress
+WORK=runs/converged/w${WIDTH}_compress
+OUT=benchmarks/results/converged/w${WIDTH}_compress
 COMMON=(--num_threads 1)
 STEPS=("${@:-int8 convert relaxed}"); STEPS=(${STEPS[*]})
 mkdir -p "$WORK" "$OUT"
 for f in "$TEACHER" "$RC4"; do
-  [ -f "$f/model.safetensors" ] || { echo "needs the converged run $f (converged_w8.yaml)" >&2; exit 2; }
+  [ -f "$f/model.safetensors" ] || { echo "needs the converged run $f (converged_w$WIDTH.yaml)" >&2; exit 2; }
 done
 complete() {  # whether a run folder holds a finished run (a partial one is resumed, not skipped)
   python3 -c 'import sys; from timm_rc.runs import Run; sys.exit(Run(sys.argv[1]).state() != "complete")' "$1"; }
@@ -34,7 +37,7 @@ distilled() {  # rank ('' for none): convert, re-estimate BN, distill 10 epochs,
   [ -f "$OUT/convert_$TAG.json" ] || python3 -m timm_rc convert "$TEACHER" --init average ${1:+--rank $1} \
       --recalibrate 50 --json --output "$FILE" "${COMMON[@]}" > "$OUT/convert_$TAG.json"
   R=${TAG}_kd10/seed0
-  local START='{"width": 8'${1:+', "rank": '$1}', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
+  local START='{"width": '$WIDTH${1:+', "rank": '$1}', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
   complete "$WORK/$R" || python3 train.py --config train_configs/rc4_cifar10.yaml --model_kwargs "$START" \
       --log_with none "${COMMON[@]}" --epochs 10 --lr 0.01 --lr_milestones 6 --seed 0 --teacher "$TEACHER" \
       --resume auto --output_dir "$WORK/$R"
