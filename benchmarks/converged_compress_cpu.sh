@@ -20,22 +20,26 @@ WORK=runs/converged/w${WIDTH}_compress
 OUT=benchmarks/results/converged/w${WIDTH}_compress
 COMMON=(--num_threads 1)
 STEPS=("${@:-int8 convert relaxed}"); STEPS=(${STEPS[*]})
-mkdir -p "$WORK" "$OUT"
 for f in "$TEACHER" "$RC4"; do
   [ -f "$f/model.safetensors" ] || { echo "needs the converged run $f (converged_w$WIDTH.yaml)" >&2; exit 2; }
 done
+mkdir -p "$WORK" "$OUT"
 complete() {  # whether a run folder holds a finished run (a partial one is resumed, not skipped)
   python3 -c 'import sys; from timm_rc.runs import Run; sys.exit(Run(sys.argv[1]).state() != "complete")' "$1"; }
+json() {  # a command's JSON output into $OUT/NAME, written only when the command succeeds (a rerun redoes a failed step)
+  local NAME=$1; shift
+  [ -s "$OUT/$NAME" ] && return 0
+  "$@" > "$OUT/$NAME.part" && mv "$OUT/$NAME.part" "$OUT/$NAME" || { rm -f "$OUT/$NAME.part"; return 1; }; }
 keep() {  # a run's small files into benchmarks/results
   mkdir -p "$OUT/$1"; cp "$WORK/$1"/{summary.json,run_config.json,metrics.jsonl} "$OUT/$1/"; }
 int8() {  # run folder, name of the JSON written
-  [ -f "$OUT/$2" ] || python3 -m timm_rc compress quantize "$1" --bits 8 --overwrite --json "${COMMON[@]}" > "$OUT/$2"; }
+  json "$2" python3 -m timm_rc compress quantize "$1" --bits 8 --overwrite --json "${COMMON[@]}"; }
 distilled() {  # rank ('' for none): convert, re-estimate BN, distill 10 epochs, int8
   local TAG=rc4_average${1:+_rank$1}_recal50 FILE R
   FILE=$WORK/converted/$TAG.safetensors
   mkdir -p "$WORK/converted"
-  [ -f "$OUT/convert_$TAG.json" ] || python3 -m timm_rc convert "$TEACHER" --init average ${1:+--rank $1} \
-      --recalibrate 50 --json --output "$FILE" "${COMMON[@]}" > "$OUT/convert_$TAG.json"
+  json "convert_$TAG.json" python3 -m timm_rc convert "$TEACHER" --init average ${1:+--rank $1} \
+      --recalibrate 50 --json --output "$FILE" "${COMMON[@]}"
   R=${TAG}_kd10/seed0
   local START='{"width": '$WIDTH${1:+', "rank": '$1}', "pretrained": true, "pretrained_cfg_overlay": {"file": "'$FILE'"}}'
   complete "$WORK/$R" || python3 train.py --config train_configs/rc4_cifar10.yaml --model_kwargs "$START" \
