@@ -2,6 +2,7 @@
 
     python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --parallel 2
     python benchmarks/converged_cpu.py train_configs/sweeps/converged_w8.yaml --collect   # copy finished runs only
+    python benchmarks/converged_cpu.py train_configs/sweeps/converged_w16.yaml --dry-run  # what it would do
     OMP_NUM_THREADS=1 python benchmarks/converged_cpu.py SWEEP --only rc1_,sharedbn      # one lane: these runs in turn
 
 Each run of the sweep writes to runs/<path> (e.g. runs/converged/w8/rc4_cifar10/seed0); a finished run's
@@ -13,6 +14,7 @@ resumes it, a fresh clone starts it again). `--parallel 2` on 2 cores gives each
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -50,11 +52,38 @@ def collect(runs) -> list:
     return written
 
 
+def dry_run(runs, done) -> list:
+    """ One line per run: skipped (committed, with its error), resumed (from which epoch) or started. """
+    lines = []
+    for r in runs:
+        if r in done:
+            s = json.loads((committed(r.output_dir) / 'summary.json').read_text())
+            what = f"skip: committed, test err {s.get('test_top1_error', float('nan')):.2f}%"
+        elif r.state == 'interrupted':
+            r.refresh_metrics()
+            what = (f'resume after epoch {r.last_epoch}/{r.epochs}' if r.last_epoch is not None
+                    else 'resume (no epoch finished yet)')
+        elif r.state == 'complete':
+            what = 'finished, not yet committed: --collect copies it'
+        else:
+            what = f'start ({r.epochs} epochs)' if r.epochs else 'start'
+        lines.append(f'#{r.index} {r.output_dir}: {what}')
+    return lines
+
+
+def again(args) -> str:
+    """ The command that continues this one, as the user gave it (the thread setting included). """
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if 'OMP_NUM_THREADS' in os.environ else ''
+    argv = ['python', 'benchmarks/converged_cpu.py', args.sweep, '--parallel', str(args.parallel)]
+    return env + shlex.join(argv + (['--only', args.only] if args.only else []))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('sweep')
     p.add_argument('--parallel', type=int, default=1)
     p.add_argument('--collect', action='store_true', help='only copy the finished runs\' files')
+    p.add_argument('--dry-run', action='store_true', help='say what each run would do (skipped, resumed, started)')
     p.add_argument('--only', default='', help='comma-separated parts of output folders: run only the runs whose '
                    'folder contains one (e.g. resnet18_cifar10/seed1); two such lanes with OMP_NUM_THREADS=1 '
                    'share 2 cores like --parallel 2, each in its own order')
@@ -72,12 +101,14 @@ def main():
                   'start both with OMP_NUM_THREADS=1', file=sys.stderr, flush=True)
     done = [r for r in runs if finished(committed(r.output_dir))]
     print(f'{args.sweep}: {len(runs)} runs, {len(done)} committed under benchmarks/results/', flush=True)
+    if args.dry_run:
+        for line in dry_run(runs, done):
+            print(line)
+        return
     code = 0
     if not args.collect:
         todo = [r for r in runs if r not in done]
-        code = run_sweep(todo, name, parallel=args.parallel,
-                         again=' '.join(['python', 'benchmarks/converged_cpu.py', args.sweep, '--parallel',
-                                         str(args.parallel)])) if todo else 0
+        code = run_sweep(todo, name, parallel=args.parallel, again=again(args)) if todo else 0
     for dest in collect(runs):
         print(f'committed-ready: {dest.relative_to(REPO)}')
     sys.exit(code)
