@@ -1,4 +1,5 @@
 """ `python -m timm_rc.results` and `timm_rc.plots` on tiny fake run folders (the trainer's file formats). """
+import itertools
 import json
 import os
 from pathlib import Path
@@ -180,16 +181,21 @@ def test_curves_figure_titles_labels_and_integer_epochs(tmp_path):
     assert (ax_loss.get_xlabel(), ax_loss.get_ylabel(), ax_loss.get_title()) == ('epoch', 'training loss',
                                                                                   'training loss')
     assert (ax_err.get_xlabel(), ax_err.get_ylabel(), ax_err.get_title()) == ('epoch', 'test error (%)', 'test error')
-    # short labels: the model, the kwargs not every run shares, the folder below the common one; the title
-    # holds what they share, so neither outgrows the figure
-    assert [line.get_label() for line in ax_err.get_lines()] == ['rc4_cifar, width 8 (rc4/seed0)',
+    # short labels: the model (the paper's name where it has one), the kwargs not every run shares, the folder
+    # below the common one; the title holds what they share, so neither outgrows the figure
+    assert [line.get_label() for line in ax_err.get_lines()] == ['RC-4, width 8 (rc4/seed0)',
                                                                  'resnet18 (r18/seed0)']
     assert fig._suptitle.get_text() == f'runs in {tmp_path}'
     c = make_run(tmp_path / 'more/rc2/seed1', model='rc2_cifar', model_kwargs={'width': 8, 'rank': 2})
     d = make_run(tmp_path / 'more/rc2/seed2', model='rc2_cifar', model_kwargs={'width': 8})
-    assert plots.curve_labels([c, d]) == (['rc2_cifar, rank 2 (seed1)', 'rc2_cifar (seed2)'],
+    assert plots.curve_labels([c, d]) == (['RC-2, rank 2 (seed1)', 'RC-2 (seed2)'],
                                           f'width 8; runs in {tmp_path / "more/rc2"}')
-    assert plots.curve_labels([c]) == (['rc2_cifar (seed1)'], f'rank 2, width 8; runs in {tmp_path / "more/rc2"}')
+    assert plots.curve_labels([c]) == (['RC-2 (seed1)'], f'rank 2, width 8; runs in {tmp_path / "more/rc2"}')
+    e = make_run(tmp_path / 'bn/shared', model='rc4_cifar', model_kwargs={'width': 8, 'bn_sharing': 'shared'})
+    f = make_run(tmp_path / 'bn/none', model='rc4_cifar', model_kwargs={'width': 8, 'bn_sharing': 'none'})
+    g = make_run(tmp_path / 'bn/r18', model='rc4_unshared_cifar', model_kwargs={'width': 8})
+    assert plots.curve_labels([e, f, g])[0] == ['RC-4, shared BN (shared)', 'RC-4, no BN (none)',
+                                                'ResNet-18 graph (r18)']
     fig.canvas.draw()
     for ax in (ax_loss, ax_err):
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
@@ -239,6 +245,25 @@ def test_tradeoff_figure_joins_a_network_across_widths_and_keeps_an_outlier_on_t
     shared = lines['RC-4, shared BN: width 8 89.20 %']
     assert top < 30 and shared.get_ydata()[0] < top  # on the edge, not at 89.2
     assert '(89.2 %, off scale)' in ' '.join(t.get_text() for t in ax.texts)
+
+
+def test_tradeoff_labels_of_points_at_one_place_do_not_overlap(tmp_path):
+    """ RC-2 at width 16 and the ResNet-18 graph at width 8 have about the same parameters and error: their
+    width labels went on top of each other. """
+    make_run(tmp_path / 'w8/rc2/seed0', err=21.5, model='rc2_cifar', params=20_466, model_kwargs={'width': 8})
+    make_run(tmp_path / 'w16/rc2/seed0', err=16.56, model='rc2_cifar', params=80_090, model_kwargs={'width': 16})
+    make_run(tmp_path / 'w8/r18/seed0', err=16.77, model='rc4_unshared_cifar', params=79_538,
+             model_kwargs={'width': 8})
+    make_run(tmp_path / 'w16/r18/seed0', err=13.4, model='rc4_unshared_cifar', params=315_738,
+             model_kwargs={'width': 16})
+    fig = plots.tradeoff_figure(results.result_rows(results.collect([tmp_path])))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert sorted(t.get_text() for t in ax.texts) == ['w16', 'w16', 'w8', 'w8']
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b)
 
 
 def test_plot_curves_writes_a_png(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from ..runs import Run
+from .tables import paper_name
 
 __all__ = ['bn_figures', 'curves_figure', 'curve_labels', 'steps_figure', 'plot_bn', 'plot_curves', 'plot_steps', 'run_label',
            'tradeoff_figure', 'plot_tradeoff', 'image_path']
@@ -146,8 +147,8 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
 
 
 def curve_labels(run_dirs: Sequence[Path]) -> Tuple[List[str], str]:
-    """ (one short legend label per run, the title with what they all share). A label is the run's model, the
-    kwargs not every run shares, and its folder below the runs' common folder; the title holds the shared kwargs
+    """ (one short legend label per run, the title with what they all share). A label is the run's model (the
+    paper's name where it has one: 'RC-4', 'ResNet-18 graph'), the kwargs not every run shares, and its folder below the runs' common folder; the title holds the shared kwargs
     and that folder, so neither outgrows the figure. """
     runs = [Path(r) for r in run_dirs]
     specs = [Run(r).model_spec() or (None, {}) for r in runs]
@@ -158,9 +159,14 @@ def curve_labels(run_dirs: Sequence[Path]) -> Tuple[List[str], str]:
     if len(runs) == 1:
         common = runs[0].absolute().parent
     labels = []
-    for run, (model, _), kw in zip(runs, specs, kwargs):
+    for run, (model, model_kwargs), kw in zip(runs, specs, kwargs):
         where = os.path.relpath(run.absolute(), common)
-        labels.append(', '.join([model or where, *kw]) + (f' ({where})' if model else ''))
+        name = model and paper_name(model, model_kwargs)
+        if name and name.startswith('ResNet'):
+            name += ' graph'  # the unshared network of RC's graph, not torchvision's ResNet
+        if name:  # the kwargs the paper's name already says
+            kw = [k for k in kw if not k.startswith('bn_sharing ')]
+        labels.append(', '.join([name or model or where, *kw]) + (f' ({where})' if model else ''))
     try:
         shown = common.relative_to(Path.cwd())
     except ValueError:
@@ -287,6 +293,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     top = min(max(r['mean'] + (r['std'] or 0) for r in on_scale) * 1.08, 100.0)
     bottom = min(r['mean'] - (r['std'] or 0) for r in on_scale) * 0.92
     colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    notes: List[Tuple[float, float, str, str, bool]] = []  # (x, y, text, colour, off scale): placed at the end
     for i, (label, points) in enumerate(series.items()):
         points.sort(key=lambda p: p[0]['params'])
         color = colors[i % len(colors)]
@@ -302,8 +309,7 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
             text = ' '.join(filter(None, [f'w{width}' if several_widths and width is not None else '',
                                           f'({r["mean"]:.1f} %, off scale)' if off else '']))
             if text:
-                ax.annotate(text, (r['params'], y), textcoords='offset points', xytext=(5, -10 if off else 3),
-                            fontsize=8, color=color)
+                notes.append((r['params'], y, text, color, off))
         ax.plot([r['params'] for r, _ in points], [top if r['mean'] > 2 * median else r['mean'] for r, _ in points],
                 color=color, marker='o', linestyle='-' if len(points) > 1 else 'none', alpha=0.8,
                 label=f'{label}: {"; ".join(values)}')
@@ -322,7 +328,29 @@ def tradeoff_figure(rows: Sequence[Dict]) -> 'matplotlib.figure.Figure':
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.15))  # below: the points stay visible
     fig.tight_layout()
+    _place_notes(ax, notes)
     return fig
+
+
+def _place_notes(ax, notes: Sequence[Tuple[float, float, str, str, bool]], size: float = 8) -> None:
+    """ Annotate each point with its text beside it, on the first side (right, below right, left, ...) where the
+    text overlaps no text placed before: points of two series at about the same place keep readable labels. """
+    to_points = 72.0 / ax.figure.dpi
+    placed: List[Tuple[float, float, float, float]] = []  # boxes in points: x0, y0, x1, y1
+    for x, y, text, color, off in notes:
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        w, h = 0.55 * size * len(text), size + 1
+        sides = [(5, 3), (5, -h - 2), (-5 - w, 3), (-5 - w, -h - 2), (5, h + 3), (5, -2 * h - 3)]
+        if off:  # on the top edge: below it
+            sides = [(5, -h - 2), (-5 - w, -h - 2), (5, -2 * h - 3)]
+
+        def free(dx, dy):
+            x0, y0 = px + dx, py + dy
+            return all(x0 + w <= a or x0 >= c or y0 + h <= b or y0 >= d for a, b, c, d in placed)
+        dx, dy = next((side for side in sides if free(*side)), sides[0])
+        placed.append((px + dx, py + dy, px + dx + w, py + dy + h))
+        ax.annotate(text, (x, y), textcoords='offset points', xytext=(dx, dy), fontsize=size, color=color,
+                    va='bottom')
 
 
 def plot_tradeoff(rows: Sequence[Dict], out: Path) -> Path:

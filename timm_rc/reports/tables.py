@@ -33,7 +33,7 @@ from ..errors import UserError
 from .formatting import format_table
 from ..runs import Run, walk_runs
 
-__all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_row', 'table', 'result_rows']
+__all__ = ['PAPER', 'PROTOCOL', 'collect', 'paper_name', 'paper_row', 'table', 'result_rows']
 
 # (model, bn_sharing) -> {dataset: test error %}; paper-notes.md, Tables 1 and 2
 PAPER: Dict[Tuple[str, str], Dict[str, float]] = {
@@ -86,6 +86,12 @@ def paper_row(model: str, model_kwargs: dict) -> Tuple[str, str]:
     if base == 'rc1_cifar':  # one step: BN sharing makes no difference
         bn = 'independent' if bn == 'shared' else bn
     return base, bn
+
+
+def paper_name(model: str, model_kwargs: dict) -> Optional[str]:
+    """ The paper's name of a model ('RC-4', 'RC-4, shared BN', 'ResNet-18' for its unshared graph), None for
+    a model the paper has no row for. """
+    return PAPER_NAMES.get(paper_row(model, model_kwargs))
 
 
 def collect(roots: Sequence[Path], on_skip: Optional[Callable[[str], None]] = None) -> List[dict]:
