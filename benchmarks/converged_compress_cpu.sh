@@ -7,7 +7,7 @@
 #   relaxed  the same conversion with per-step rank-r corrections, r = 1, 2, 4, each distilled 10 epochs
 # One CPU thread per command, so that a second run can share the 2 cores. Every step skips what is done, so
 # a second copy can take other steps at the same time (e.g. `... convert` beside `... relaxed`). Usage:
-#   [WIDTH=16] bash benchmarks/converged_compress_cpu.sh [int8] [convert] [relaxed]      (default: all three)
+#   [WIDTH=16] [RANKS="1 2 4"] bash benchmarks/converged_compress_cpu.sh [int8] [convert] [relaxed]   (default: all three)
 # Small results go to benchmarks/results/converged/w${WIDTH}_compress/; weights stay in runs/converged/w${WIDTH}_compress/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,7 @@ for STEP in "${STEPS[@]}"; do
   case $STEP in
     int8) int8 "$RC4" int8_rc4.json; int8 "$TEACHER" int8_resnet18.json ;;
     convert) distilled '' ;;
-    relaxed) for RANK in 1 2 4; do distilled $RANK; done ;;
+    relaxed) for RANK in ${RANKS:-1 2 4}; do distilled $RANK; done ;;
     *) echo "unknown step $STEP: int8, convert or relaxed" >&2; exit 2 ;;
   esac
 done
