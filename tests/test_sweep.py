@@ -26,7 +26,7 @@ PARAMS = {'bool_f': False, 'bool_t': True, 'lr': 0.1, 'lr_milestones': [60, 90],
 
 @pytest.fixture(autouse=True)
 def python_on_path(monkeypatch):
-    """ `${interpreter}` is `python` (as W&B's agent has it): make it this interpreter. """
+    """ A `python` on PATH that is this interpreter, for the tests' own commands that name `python`. """
     bindir = Path(sys.executable).parent
     if (bindir / 'python').exists():
         monkeypatch.setenv('PATH', f'{bindir}{os.pathsep}{os.environ.get("PATH", "")}')
@@ -68,14 +68,14 @@ def wandb_agent_command(command, program, params, monkeypatch, tmp_path):
 ALL_ARGS = ['--bool_f=False', '--bool_t=True', '--lr=0.1', '--lr_milestones=[60, 90]', "--model_kwargs={'width': 4}",
             '--none=None', '--seed=0', '--text=a b']
 COMMANDS = [
-    (None, ['/usr/bin/env', 'python', 'train.py', *ALL_ARGS]),  # W&B's default command
-    (['${env}', '${interpreter}', '${program}', '${args}'], ['/usr/bin/env', 'python', 'train.py', *ALL_ARGS]),
+    (None, ['/usr/bin/env', sys.executable, 'train.py', *ALL_ARGS]),  # W&B's default command
+    (['${env}', '${interpreter}', '${program}', '${args}'], ['/usr/bin/env', sys.executable, 'train.py', *ALL_ARGS]),
     (['accelerate', 'launch', '${program}', '${args}'], ['accelerate', 'launch', 'train.py', *ALL_ARGS]),
     (['${env}', 'python3', '${program}', '${args_no_hyphens}'],
      ['/usr/bin/env', 'python3', 'train.py', *(a[2:] for a in ALL_ARGS)]),
     (['${interpreter}', '-u', '${program}', 7, '${args_no_boolean_flags}', '--tag=${envvar:TIMM_RC_SWEEP_VAR}',
       '${envvar:TIMM_RC_UNSET_VAR}'],
-     ['python', '-u', 'train.py', '7', '--bool_t', *ALL_ARGS[2:], '--tag=abc', 'TIMM_RC_UNSET_VAR']),
+     [sys.executable, '-u', 'train.py', '7', '--bool_t', *ALL_ARGS[2:], '--tag=abc', 'TIMM_RC_UNSET_VAR']),
     (['${program}', '${args_no_equals}', '${args_json}'],
      ['train.py', '--bool_f', 'False', '--bool_t', 'True', '--lr', '0.1', '--lr_milestones', '[60, 90]',
       '--model_kwargs', "{'width': 4}", '--none', 'None', '--seed', '0', '--text', 'a b',
@@ -92,7 +92,9 @@ def test_macros_expand_exactly_as_wandbs_agent_does(command, expected, monkeypat
     monkeypatch.delenv('TIMM_RC_UNSET_VAR', raising=False)
     ours = expand_command(command, 'train.py', PARAMS)
     assert ours == expected
-    assert ours == wandb_agent_command(command, 'train.py', PARAMS, monkeypatch, tmp_path)
+    # the one difference: W&B's `${interpreter}` is `python`, ours the Python that runs the sweep
+    theirs = wandb_agent_command(command, 'train.py', PARAMS, monkeypatch, tmp_path)
+    assert ours == [sys.executable if t == 'python' else t for t in theirs]
 
 
 def test_the_grid_is_wandbs_grid():
@@ -260,7 +262,7 @@ def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, monkeypatc
                         '  failed: #1 code=3: exit code 3, log runs/sweep_logs/fail/001.log',
                         '  fix the cause and run python -m timm_rc sweep fail.yaml: it reruns only the failed runs']
     log = (tmp_path / 'runs' / 'sweep_logs' / 'fail' / '001.log').read_text().splitlines()
-    assert log[0].startswith(START) and log[0].endswith('(new run): /usr/bin/env python prog.py --code=3 --n=1')
+    assert log[0].startswith(START) and log[0].endswith(f'(new run): /usr/bin/env {sys.executable} prog.py --code=3 --n=1')
     assert log[1:3] == ['gpu None', 'boom 3'] and len(log) == 4
     assert log[3].startswith(f'{LOG_HEADER} end: exit code 3 after')
 
@@ -393,7 +395,7 @@ def test_trainer_sweep_skips_complete_runs_and_resumes_killed_ones(tmp_path, mon
 
     assert main([str(path), '--dry-run']) == 0
     lines = capsys.readouterr().out.splitlines()
-    command = ['/usr/bin/env', 'python', TRAINER, '--batch_size=16', f'--data_dir={data}', '--epochs=2',
+    command = ['/usr/bin/env', sys.executable, TRAINER, '--batch_size=16', f'--data_dir={data}', '--epochs=2',
                '--model=rc1_cifar', "--model_kwargs={'width': 4}", '--output_dir=runs/seed{seed}']
     assert lines[1] == shlex.join(command + ['--seed=0']) + '  # complete: runs/seed0'
     assert lines[2] == shlex.join(command + ['--seed=1', '--resume']) + '  # interrupted: runs/seed1'

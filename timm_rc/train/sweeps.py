@@ -180,11 +180,12 @@ def expand_command(command: Optional[Sequence[Any]], program: Optional[str], par
     `create_sweep_command_args` (wandb/sdk/launch/sweeps/utils.py): no command means the default;
     `${envvar:NAME}` anywhere in an item becomes that variable (or NAME where it is unset); an item that
     is a whole macro becomes its values: `${env}` is `/usr/bin/env` (nothing on Windows),
-    `${interpreter}` is `python`, `${program}` the file's `program`, `${args}` one `--name=value` per
-    parameter. Where W&B silently drops a macro it does not know, this is an error.
+    `${interpreter}` is the Python running the sweep (`sys.executable`; W&B writes `python`, which may be
+    another Python, or none, where a venv is not activated), `${program}` the file's `program`, `${args}` one
+    `--name=value` per parameter. Where W&B silently drops a macro it does not know, this is an error.
     """
     environ = os.environ if environ is None else environ
-    macros: Dict[str, List[str]] = dict(command_args(params), interpreter=['python'],
+    macros: Dict[str, List[str]] = dict(command_args(params), interpreter=[sys.executable],
                                         env=[] if platform.system() == 'Windows' else ['/usr/bin/env'])
     if program is not None:
         macros['program'] = [program]
