@@ -122,7 +122,8 @@ def test_results_after_skipping_a_broken_summary_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         results([str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 2 and 'summary.json' in err[0]
+    assert e.value.code == 2 and len(err) == 2
+    assert err[0].startswith(f'skipping the run: {tmp_path / "run" / "summary.json"} is not valid JSON')
     assert err[1] == f'error: no run summary below {tmp_path} that could be read (1 skipped, said above)'
 
 
@@ -314,3 +315,13 @@ def test_a_folder_given_for_a_config_or_sweep_file_is_named_as_one(tmp_path, cap
     assert sweep([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f'error: {tmp_path} is a folder; give a sweep file, e.g. ' \
                                       f'{tmp_path / "sweeps/grid.yaml"} (sweep files there: sweeps/grid.yaml)\n'
+
+
+def test_compress_reports_table_says_its_error_is_fp32():
+    """ `eval` of a bf16 run measures in bf16 (the run's own precision), the report in fp32: they may differ
+    in the second decimal, so the report's column says which it is. """
+    from timm_rc.cli.compress import report_table
+    row = dict(name='rc4_cifar', params=20_786, weights_bytes=86_000, flops_per_image=12e6,
+               activation_bytes=1e6, activation_batch=128, latency_ms_b1=1.0, latency_ms_b64=9.0, top1_error=21.06)
+    head, body = report_table([row]).splitlines()
+    assert head.endswith('  fp32 top-1 err %') and body.endswith(' 21.06')

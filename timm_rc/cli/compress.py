@@ -83,7 +83,7 @@ def report_table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     bits = [b for b in BITS if any(f'int{b}_bytes' in r for r in rows)]
     batch = rows[0]['activation_batch'] if rows else 128
     head = ['model', 'params', 'x smaller', 'fp32 MB'] + [f'int{b} MB' for b in bits] + [
-        'MFLOPs/image', f'train act. MB (batch {batch})', 'CPU ms (b1)', 'CPU ms (b64)', 'top-1 err %'] + [
+        'MFLOPs/image', f'train act. MB (batch {batch})', 'CPU ms (b1)', 'CPU ms (b64)', 'fp32 top-1 err %'] + [
         f'int{b} err %' for b in bits]
     body = []
     for r in rows:

@@ -291,7 +291,7 @@ def walk_runs(roots, on_skip: Optional[Callable[[str], None]] = None) -> List[Tu
             summary = run.summary()
         except UserError as e:
             if on_skip:
-                on_skip(f'skipping {e}')
+                on_skip(f"skipping the run: {e}")
             continue
         if not isinstance(summary, dict) or not {'model', 'test_top1_error'} <= set(summary):
             if on_skip:
