@@ -325,3 +325,16 @@ def test_compress_reports_table_says_its_error_is_fp32():
                activation_bytes=1e6, activation_batch=128, latency_ms_b1=1.0, latency_ms_b64=9.0, top1_error=21.06)
     head, body = report_table([row]).splitlines()
     assert head.endswith('  fp32 top-1 err %') and body.endswith(' 21.06')
+
+
+def test_a_missing_data_dir_says_where_it_looked_and_how_to_give_another(tmp_path, monkeypatch):
+    """ The CPU demo's sweep reads ../shared/data/cifar10: from a clone elsewhere, say what to change. """
+    from timm_rc.data import load_splits
+    from timm_rc.errors import UserError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_splits(data_dir='../shared/data/cifar10')
+    assert str(e.value) == (f'data_dir ../shared/data/cifar10 does not exist or is not a folder (relative to '
+                            f'{tmp_path}); give the folder that holds the data (train.parquet and test.parquet, or '
+                            f'train/ and test/ image folders) as --data_dir, or as data_dir in the config file or the '
+                            f"sweep's parameters")

@@ -67,7 +67,10 @@ def _load_dataset_dict_loud(dataset: str, data_dir: Optional[str]):
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
-            raise UserError(f'data_dir {data_dir} does not exist or is not a folder')
+            where = '' if path.is_absolute() else f' (relative to {Path.cwd()})'
+            raise UserError(f'data_dir {data_dir} does not exist or is not a folder{where}; give the folder that '
+                            f'holds the data (train.parquet and test.parquet, or train/ and test/ image folders) as '
+                            f'--data_dir, or as data_dir in the config file or the sweep\'s parameters')
         parquet = any(path.glob('*.parquet')) or any(path.glob('*/*.parquet'))
         images = not parquet and any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.glob('*/*/*'))
         if not parquet and not images:
