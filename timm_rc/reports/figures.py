@@ -148,8 +148,9 @@ def plot_bn(run_dir: Path, epoch: Optional[int] = None, out: Optional[Path] = No
 
 def curve_labels(run_dirs: Sequence[Path]) -> Tuple[List[str], str]:
     """ (one short legend label per run, the title with what they all share). A label is the run's model (the
-    paper's name where it has one: 'RC-4', 'ResNet-18 graph'), the kwargs not every run shares, and its folder below the runs' common folder; the title holds the shared kwargs
-    and that folder, so neither outgrows the figure. """
+    paper's name where it has one: 'RC-4', 'ResNet-18 graph'), the kwargs not every run shares, and its folder
+    below the runs' common folder; the title holds the shared kwargs and that folder, so neither outgrows the
+    figure. """
     runs = [Path(r) for r in run_dirs]
     specs = [Run(r).model_spec() or (None, {}) for r in runs]
     kwargs = _distinct([[f'{k} {json.dumps(v)}' for k, v in sorted(kw.items())] for _, kw in specs])
